@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Create or refresh the project environment in .venv/ (idempotent, keyed by the lockfile hash).
+#   1. python venv with the pinned stack from requirements.lock (torch CPU wheel, transformers, peft, trl, ...)
+#   2. llama.cpp native tools + shared libs, built once and cached (scripts/build_llama_cpp.sh)
+#   3. gguf-py and llama-cpp-python bindings from that same sdist (no second compile)
+#   4. ftx itself, editable
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV="${VENV:-.venv}"
+PY="${PYTHON:-python3}"
+LLAMA_VERSION=0.3.36
+CACHE="${FTX_CACHE:-$HOME/.cache/ftx}"
+KEY="$(cat requirements.lock pyproject.toml scripts/setup_env.sh scripts/build_llama_cpp.sh | sha256sum | cut -c1-16)"
+STAMP="$VENV/.ftx-env-$KEY"
+if [ -f "$STAMP" ]; then exit 0; fi
+echo "ftx: preparing environment in $VENV (key $KEY)"
+[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+PIP="$VENV/bin/python -m pip --disable-pip-version-check"
+$PIP install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
+$PIP install -q -r requirements.lock 2>&1 | grep -v "^WARNING: Location" || true
+$PIP check >/dev/null 2>&1 || { $PIP check; echo "dependency conflict in $VENV"; exit 1; }
+# CUDA builds of these break `import transformers` on CPU machines
+$PIP uninstall -q -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
+PIP="$PIP" FTX_CACHE="$CACHE" LLAMA_CPP_PYTHON_VERSION=$LLAMA_VERSION bash scripts/build_llama_cpp.sh
+LL="$CACHE/llama.cpp/$LLAMA_VERSION"
+$PIP install -q --no-deps "$LL/src/vendor/llama.cpp/gguf-py" 2>&1 | grep -v "^WARNING: Location" || true
+CMAKE_ARGS="-DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF" $PIP install -q --no-deps "$LL/src" 2>&1 | grep -v "^WARNING: Location" || true
+SITE="$("$VENV/bin/python" -c 'import llama_cpp, os; print(os.path.dirname(llama_cpp.__file__))')"
+mkdir -p "$SITE/lib" && cp -P "$LL"/lib/*.so* "$SITE/lib/"
+$PIP install -q --no-deps -e . 2>&1 | grep -v "^WARNING: Location" || true
+"$VENV/bin/python" -c "import llama_cpp, gguf, torch, transformers, peft, ftx" 
+rm -f "$VENV"/.ftx-env-*; touch "$STAMP"
+echo "ftx: environment ready ($VENV)"

@@ -1,0 +1,204 @@
+"""Train stage: LoRA / QLoRA fine-tuning with transformers + peft.
+
+fp32 on CPU (bf16 matmuls are ~100x slower there), bf16 on CUDA. Batches are padded only to the longest
+row in the batch (never to max_seq_len), and the loss covers the final assistant turn only.
+Writes: adapter/ (standard peft format), metrics.jsonl, loss.png.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class LoraConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    r: int = Field(8, ge=1)
+    alpha: int = Field(16, ge=1)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: str | list[str] = "all-linear"
+
+
+class TrainConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    method: Literal["lora", "qlora"] = "lora"
+    lora: LoraConfig = LoraConfig()
+    learning_rate: float = Field(1e-3, gt=0)
+    scheduler: str = "cosine"
+    warmup_steps: int = Field(10, ge=0)
+    max_steps: int = Field(100, ge=1)
+    batch_size: int = Field(8, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    eval_every: int = Field(20, ge=1)
+    seed: int = 0
+
+
+class TrainResult(BaseModel):
+    adapter_dir: str
+    steps: int
+    train_loss: float
+    val_loss: float
+    val_perplexity: float
+    trained_tokens: int
+    tokens_per_s: float
+    device: str
+
+
+def collate(batch: list[dict], pad_id: int) -> dict:
+    """Pad to the longest row of this batch (right padding); labels padded with -100."""
+    import torch
+
+    n = max(len(b["input_ids"]) for b in batch)
+    ids = torch.full((len(batch), n), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), n), -100, dtype=torch.long)
+    mask = torch.zeros((len(batch), n), dtype=torch.long)
+    for i, b in enumerate(batch):
+        k = len(b["input_ids"])
+        ids[i, :k] = torch.tensor(b["input_ids"])
+        labels[i, :k] = torch.tensor(b["labels"])
+        mask[i, :k] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def load_base(base_dir: Path, method: str = "lora", device: str = "cpu"):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .util import train_dtype
+
+    tok = AutoTokenizer.from_pretrained(base_dir)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    kwargs = {"dtype": train_dtype(device)}
+    if method == "qlora":
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=train_dtype(device),
+        )
+    model = AutoModelForCausalLM.from_pretrained(base_dir, **kwargs)
+    model.to(device) if method == "lora" else None
+    model.eval()
+    torch.manual_seed(0)
+    return model, tok
+
+
+def plot_loss(metrics_path: Path, png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in open(metrics_path)]
+    tr = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    ev = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    if tr:
+        ax.plot(*zip(*tr), label="train loss", lw=1)
+    if ev:
+        ax.plot(*zip(*ev), "o-", label="val loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (response tokens)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png)
+    plt.close(fig)
+
+
+def run(cfg: TrainConfig, base_dir: Path, train_file: Path, val_file: Path, max_seq_len: int, out: Path) -> TrainResult:
+    import torch
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model, prepare_model_for_kbit_training
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments, set_seed
+
+    from . import data
+    from .util import pick_device
+
+    device = pick_device()
+    set_seed(cfg.seed)
+    model, tok = load_base(base_dir, cfg.method, device)
+    if cfg.method == "qlora":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    model = get_peft_model(model, PeftLoraConfig(
+        r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+        target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM",
+    ))
+    train_ds = [data.render(tok, m, max_seq_len) for m in data.read_split(train_file)]
+    val_ds = [data.render(tok, m, max_seq_len) for m in data.read_split(val_file)]
+    metrics_path = out / "metrics.jsonl"
+    metrics_f = open(metrics_path, "w")
+    counted = {"tokens": 0}
+
+    class Monitor(TrainerCallback):
+        def __init__(self):
+            self.progress = Progress(TextColumn("train"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                                     TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn())
+            self.task = None
+            self.t0 = time.perf_counter()
+
+        def on_train_begin(self, args, state, control, **kw):
+            self.progress.start()
+            self.task = self.progress.add_task("train", total=state.max_steps, info="")
+
+        def on_step_end(self, args, state, control, **kw):
+            self.progress.update(self.task, completed=state.global_step)
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            logs = dict(logs or {})
+            row = {"step": state.global_step, "time_s": round(time.perf_counter() - self.t0, 3)}
+            if "loss" in logs:
+                row.update(loss=logs["loss"], lr=logs.get("learning_rate"), grad_norm=logs.get("grad_norm"))
+                row["tokens_per_s"] = counted["tokens"] / max(row["time_s"], 1e-9)
+            if "eval_loss" in logs:
+                row.update(val_loss=logs["eval_loss"], val_perplexity=math.exp(min(logs["eval_loss"], 50)))
+            if len(row) > 2:
+                metrics_f.write(json.dumps(row) + "\n")
+                metrics_f.flush()
+                info = " ".join(f"{k}={row[k]:.4g}" for k in ("loss", "val_loss") if k in row)
+                self.progress.update(self.task, info=info)
+
+        def on_train_end(self, args, state, control, **kw):
+            self.progress.stop()
+
+    def collator(batch):
+        b = collate(batch, tok.pad_token_id)
+        counted["tokens"] += int((b["labels"] != -100).sum())
+        return b
+
+    args = TrainingArguments(
+        output_dir=str(out / "checkpoints"), max_steps=cfg.max_steps, per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
+        learning_rate=cfg.learning_rate, lr_scheduler_type=cfg.scheduler, warmup_steps=cfg.warmup_steps,
+        logging_steps=1, eval_strategy="steps", eval_steps=cfg.eval_every, save_strategy="no", report_to=[],
+        seed=cfg.seed, data_seed=cfg.seed, use_cpu=device == "cpu", bf16=device == "cuda",
+        dataloader_num_workers=0, remove_unused_columns=False, disable_tqdm=True, log_level="error",
+    )
+    monitor = Monitor()
+    trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds,
+                      data_collator=collator, callbacks=[monitor])
+    trainer.remove_callback(PrinterCallback)
+    t0 = time.perf_counter()
+    train_out = trainer.train()
+    elapsed = time.perf_counter() - t0
+    counted_train = counted["tokens"]
+    evals = [h for h in trainer.state.log_history if "eval_loss" in h and h.get("step") == trainer.state.global_step]
+    final_eval = evals[-1] if evals else trainer.evaluate()  # evaluate() logs its row through Monitor
+    metrics_f.close()
+    model.save_pretrained(out / "adapter")
+    tok.save_pretrained(out / "adapter")
+    plot_loss(metrics_path, out / "loss.png")
+    del trainer
+    torch.cuda.empty_cache() if device == "cuda" else None
+    return TrainResult(
+        adapter_dir="adapter", steps=train_out.global_step, train_loss=float(train_out.training_loss),
+        val_loss=float(final_eval["eval_loss"]), val_perplexity=math.exp(min(final_eval["eval_loss"], 50)),
+        trained_tokens=counted_train, tokens_per_s=counted_train / max(elapsed, 1e-9), device=device,
+    )
