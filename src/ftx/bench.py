@@ -81,10 +81,24 @@ async def one_request(client, model: str, messages: list[dict], cfg: BenchConfig
     return rec
 
 
-async def _load(cfg: BenchConfig, base_url: str, api_key: str, model: str, prompts: list[list[dict]], on_done=None):
-    from openai import AsyncOpenAI
+def _limits(concurrency: int):
+    """Connection limits without keep-alive (openai >= 3 is built on httpx2, older releases on httpx)."""
+    try:
+        import httpx2 as httpx
+    except ImportError:
+        import httpx
 
-    client = AsyncOpenAI(base_url=base_url, api_key=api_key, max_retries=0)
+    return httpx.Limits(max_connections=concurrency, max_keepalive_connections=0)
+
+
+async def _load(cfg: BenchConfig, base_url: str, api_key: str, model: str, prompts: list[list[dict]], on_done=None):
+    from openai import AsyncOpenAI, DefaultAsyncHttpxClient
+
+    # A fresh connection per request: reusing pooled keep-alive connections made the first request after the
+    # warmup fail on a connection the server had already closed (seen with llama-server). Loopback connect
+    # costs well under a millisecond; no retries, so every failure is counted.
+    http = DefaultAsyncHttpxClient(limits=_limits(cfg.concurrency), timeout=cfg.timeout_s)
+    client = AsyncOpenAI(base_url=base_url, api_key=api_key, max_retries=0, http_client=http)
     sem = asyncio.Semaphore(cfg.concurrency)
     t_origin = time.perf_counter()
 

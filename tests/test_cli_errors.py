@@ -1,0 +1,64 @@
+"""Bad input through the real CLI: one line on stderr naming file/line/key, exit code 2, no traceback,
+nothing written to the output directory."""
+
+import re
+import subprocess
+
+import pytest
+
+from .conftest import FTX
+
+
+def run_cli(*args):
+    return subprocess.run([*FTX, *map(str, args)], capture_output=True, text=True, timeout=120)
+
+
+def assert_clean_failure(proc, out_dir, pattern):
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2, proc.stderr
+    assert len(lines) == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert re.fullmatch("error: " + pattern, lines[0]), lines[0]
+    assert not out_dir.exists() or not [p for p in out_dir.rglob("*") if p.is_file()]
+
+
+def test_unknown_key(recipe_copy, tmp_path):
+    recipe_copy.write_text(recipe_copy.read_text().replace("  seed: 0\n\neval:", "  seed: 0\n  epochz: 3\n\neval:"))
+    proc = run_cli("recipe", "run", recipe_copy, f"output_dir={tmp_path / 'out'}")
+    assert_clean_failure(proc, tmp_path / "out", rf"{re.escape(str(recipe_copy))}:\d+: train\.epochz: unknown key")
+
+
+def test_wrong_type(recipe_copy, tmp_path):
+    recipe_copy.write_text(recipe_copy.read_text().replace("concurrency: 4", "concurrency: [4]"))
+    proc = run_cli("recipe", "run", recipe_copy, f"output_dir={tmp_path / 'out'}")
+    assert_clean_failure(proc, tmp_path / "out", rf"{re.escape(str(recipe_copy))}:\d+: bench\.concurrency: .*integer.*")
+
+
+def test_missing_dataset_file(recipe_copy, tmp_path):
+    (recipe_copy.parent / "data" / "quickstart_heldout.jsonl").unlink()
+    proc = run_cli("recipe", "run", recipe_copy, f"output_dir={tmp_path / 'out'}")
+    assert_clean_failure(proc, tmp_path / "out", rf"{re.escape(str(recipe_copy))}:\d+: data\.heldout: file not found: .*")
+
+
+def test_malformed_jsonl_line(recipe_copy, tmp_path):
+    data = recipe_copy.parent / "data" / "quickstart.jsonl"
+    lines = data.read_text().splitlines()
+    lines[41] = lines[41][:-5]  # cut the closing braces of line 42
+    data.write_text("\n".join(lines) + "\n")
+    proc = run_cli("recipe", "run", recipe_copy, f"output_dir={tmp_path / 'out'}")
+    assert_clean_failure(proc, tmp_path / "out", rf"{re.escape(str(data))}:42: invalid JSON .*")
+
+
+def test_bad_override(tmp_path):
+    from .conftest import RECIPE
+
+    proc = run_cli("recipe", "run", RECIPE, "train.max_steps=lots", f"output_dir={tmp_path / 'out'}")
+    assert_clean_failure(proc, tmp_path / "out", r"override 'train\.max_steps=lots': train\.max_steps: .*integer.*")
+
+
+def test_help_does_not_import_torch():
+    proc = subprocess.run([*FTX[:1], "-c", "import sys; from ftx.cli import cli; "
+                           "sys.argv=['ftx','--help']\ntry: cli()\nexcept SystemExit: pass\n"
+                           "print('torch' in sys.modules, 'transformers' in sys.modules)"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.stdout.strip().endswith("False False"), proc.stdout

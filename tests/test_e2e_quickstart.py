@@ -1,0 +1,219 @@
+"""End to end, real components: the quickstart recipe with a reduced step count on the real SmolLM2-135M,
+real peft/transformers training, llama.cpp conversion + quantization, llama-server on 127.0.0.1 queried with
+the openai client. One pipeline run is shared by the tests of this module (module fixture)."""
+
+import json
+import re
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from .conftest import FTX, RECIPE
+
+pytestmark = pytest.mark.e2e
+STEPS = 20
+BENCH_REQUESTS = 12
+REGEX = re.compile(r'\{"category": "(math|geography|language|units)", "answer": "[^"]*"\}')
+
+
+def ftx_run(out, *extra):
+    cmd = [*FTX, "recipe", "run", str(RECIPE), f"train.max_steps={STEPS}", "train.eval_every=10",
+           f"bench.requests={BENCH_REQUESTS}", f"output_dir={out}", *extra]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=2400)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_dir = Path(proc.stdout.strip().splitlines()[-1]).parent
+    return run_dir, json.loads((run_dir / "manifest.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def run1(tmp_path_factory):
+    out = tmp_path_factory.mktemp("e2e") / "runs"
+    run_dir, manifest = ftx_run(out)
+    card = json.loads((run_dir / "run_card.json").read_text())
+    return {"out": out, "dir": run_dir, "manifest": manifest, "card": card}
+
+
+@pytest.fixture(scope="module")
+def heldout(run1):
+    from ftx.data import read_split
+
+    return read_split(run1["dir"] / "stages" / "data" / "heldout.jsonl")
+
+
+@pytest.fixture(scope="module")
+def hf(run1):
+    """base model, base+adapter (peft) and merged model, fp32."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base_dir = run1["manifest"]["inputs"]["base_model"]["path"]
+    tok = AutoTokenizer.from_pretrained(base_dir)
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    peft_model = PeftModel.from_pretrained(base, run1["dir"] / "adapter").eval()
+    merged = AutoModelForCausalLM.from_pretrained(run1["dir"] / "merged", dtype=torch.float32).eval()
+    return tok, peft_model, merged
+
+
+def test_manifest_records_lineage(run1):
+    from ftx.util import sha256_file
+
+    m = run1["manifest"]
+    assert [s for s in m["stages"]] == ["data", "train", "eval", "merge", "export", "serve", "bench"]
+    assert all(not s["cached"] and s["wall_s"] > 0 and s["peak_rss_mb"] > 0 for s in m["stages"].values())
+    assert m["inputs"]["data"]["sha256"] == sha256_file(Path(m["inputs"]["data"]["path"]))
+    assert len(m["inputs"]["base_model"]["sha256"]) == 64
+    assert m["config"]["train"]["max_steps"] == STEPS and f"train.max_steps={STEPS}" in m["overrides"]
+    for pkg in ("torch", "transformers", "peft", "llama_cpp_python", "gguf"):
+        assert m["versions"][pkg], pkg
+    assert "commit" in m["git"]
+    md = (run1["dir"] / "run_card.md").read_text()
+    for section in ("## Training", "## Base vs fine-tuned", "## Merge check", "## GGUF", "## Served", "## Bench"):
+        assert section in md
+
+
+def test_training_artifacts(run1):
+    rows = [json.loads(line) for line in open(run1["dir"] / "stages" / "train" / "metrics.jsonl")]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    vals = [r["val_loss"] for r in rows if "val_loss" in r]
+    assert len(losses) == STEPS and len(vals) >= 2
+    assert vals[-1] < vals[0] and np.mean(losses[-5:]) < np.mean(losses[:5])
+    assert (run1["dir"] / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert {p.name for p in (run1["dir"] / "adapter").iterdir()} >= {"adapter_config.json", "adapter_model.safetensors"}
+
+
+def test_fine_tuning_changes_behaviour_on_heldout(run1):
+    ev = run1["card"]["eval"]
+    assert ev["base_format_rate"] <= 0.2 and ev["ft_format_rate"] >= 0.8, ev
+    assert ev["ft_val_loss"] < ev["base_val_loss"]
+
+
+def test_adapter_loads_with_peft_and_changes_greedy_outputs(hf, heldout):
+    from ftx.eval import generate
+
+    tok, peft_model, _ = hf
+    prompts = [m[:-1] for m in heldout[:6]]
+    tuned = generate(peft_model, tok, prompts, 32)
+    with peft_model.disable_adapter():
+        base = generate(peft_model, tok, prompts, 32)
+    assert sum(t != b for t, b in zip(tuned, base)) >= 5, (tuned, base)
+    assert sum(bool(REGEX.fullmatch(t)) for t in tuned) >= 5, tuned
+
+
+def test_merged_logits_match_base_plus_adapter(hf, heldout):
+    from ftx import data
+    from ftx.eval import compare_logits, token_logits
+
+    tok, peft_model, merged = hf
+    seqs = [data.render(tok, m, 512)["input_ids"] for m in heldout[:8]]  # tokens the merge check never saw
+    cmp = compare_logits(token_logits(peft_model, seqs), token_logits(merged, seqs))
+    assert cmp["max_abs_diff"] < 1e-3 and cmp["top1_agreement"] == 1.0, cmp
+
+
+def test_f16_gguf_agrees_with_hf_and_tokenizers_match(run1, hf, heldout):
+    from llama_cpp import Llama
+
+    from ftx import data
+    from ftx.eval import compare_logits, token_logits
+    from ftx.export import gguf_logits
+
+    tok, _, merged = hf
+    seqs = [data.render(tok, m, 512)["input_ids"] for m in heldout[:12]]
+    cmp = compare_logits(gguf_logits(run1["dir"] / "model-f16.gguf", seqs), token_logits(merged, seqs))
+    assert cmp["top1_agreement"] >= 0.99, cmp
+    assert run1["card"]["export"]["files"][0]["top1_agreement"] >= 0.99
+    llm = Llama(model_path=str(run1["dir"] / "model-f16.gguf"), n_ctx=256, vocab_only=True, verbose=False)
+    text = "".join(m[0]["content"] + " 12 345 6789\n" for m in heldout)
+    assert llm.tokenize(text.encode(), add_bos=False, special=True) == tok(text)["input_ids"]
+
+
+def test_quantized_files_get_smaller(run1):
+    size = {q: (run1["dir"] / f"model-{q}.gguf").stat().st_size for q in ("f16", "q8_0", "q4_k_m")}
+    assert size["q4_k_m"] < size["q8_0"] < size["f16"], size
+    with open(run1["dir"] / "model-q4_k_m.gguf", "rb") as f:
+        assert f.read(4) == b"GGUF"
+
+
+def test_modelfile(run1):
+    mf = (run1["dir"] / "Modelfile").read_text()
+    assert "FROM ./model-q4_k_m.gguf" in mf and (run1["dir"] / "model-q4_k_m.gguf").exists()
+    assert 'PARAMETER stop "<|im_end|>"' in mf and "PARAMETER num_ctx 512" in mf
+    assert "<|im_start|>{{ .Role }}" in mf and "{{ .Content }}<|im_end|>" in mf
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_served_model_answers_with_finetuned_behaviour(run1, heldout, tmp_path):
+    import openai
+
+    assert run1["card"]["serve"]["format_rate"] >= 0.75, run1["card"]["serve"]
+    port, key = free_port(), "test-key-123"
+    proc = subprocess.Popen([*FTX, "serve", "--gguf", str(run1["dir"] / "model-q4_k_m.gguf"), "--name", "qs",
+                             "--port", str(port), "--api-key", key, "--log", str(tmp_path / "server.log")],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 180
+        while True:
+            try:
+                if urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).status == 200:
+                    break
+            except OSError:
+                pass
+            assert proc.poll() is None and time.time() < deadline, proc.stdout.read() if proc.poll() is not None else "timeout"
+            time.sleep(0.5)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key, max_retries=0)
+        ok = 0
+        for m in heldout[:4]:
+            r = client.chat.completions.create(model="qs", messages=m[:-1], max_tokens=48, temperature=0)
+            ok += bool(REGEX.fullmatch(r.choices[0].message.content.strip()))
+        assert ok >= 3
+        chunks = list(client.chat.completions.create(model="qs", messages=heldout[0][:-1], max_tokens=32,
+                                                     temperature=0, stream=True))
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices).startswith('{"category"')
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="wrong", max_retries=0).models.list()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    with socket.socket() as s:  # llama-server is gone: the port is free again
+        s.bind(("127.0.0.1", port))
+
+
+def test_bench_records_are_real_requests(run1):
+    bench_dir = run1["dir"] / "stages" / "bench"
+    records = [json.loads(line) for line in open(bench_dir / "records.jsonl")]
+    summary = json.loads((bench_dir / "summary.json").read_text())
+    assert len(records) == BENCH_REQUESTS and sorted(r["i"] for r in records) == list(range(BENCH_REQUESTS))
+    assert all(r["ok"] and r["output_tokens"] > 0 and 0 < r["ttft_s"] <= r["e2e_s"] for r in records)
+    for key in ("ttft_s", "e2e_s"):
+        vals = [r[key] for r in records]
+        for p in (50, 90, 99):
+            assert summary[key][f"p{p}"] == pytest.approx(np.percentile(vals, p))
+    assert summary["output_tokens"] == sum(r["output_tokens"] for r in records)
+    assert run1["card"]["bench"]["e2e_s"]["p99"] == summary["e2e_s"]["p99"]
+    assert (run1["dir"] / "latency_cdf.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_second_run_hits_the_cache(run1):
+    run_dir, manifest = ftx_run(run1["out"])
+    assert run_dir != run1["dir"]
+    assert all(s["cached"] for s in manifest["stages"].values()), manifest["stages"]
+    assert {k: s["key"] for k, s in manifest["stages"].items()} == {k: s["key"] for k, s in run1["manifest"]["stages"].items()}
+
+
+def test_changing_a_train_setting_reruns_train_not_data(run1):
+    run_dir, manifest = ftx_run(run1["out"], "train.learning_rate=5e-4", "train.max_steps=2", "--until", "train")
+    assert manifest["stages"]["data"]["cached"] is True
+    assert manifest["stages"]["train"]["cached"] is False
+    assert manifest["stages"]["train"]["key"] != run1["manifest"]["stages"]["train"]["key"]
+    assert set(manifest["stages"]) == {"data", "train"}

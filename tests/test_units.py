@@ -1,0 +1,88 @@
+"""Pure-logic unit tests: data validation, splitting, bench statistics, Modelfile helpers."""
+
+import json
+
+import numpy as np
+import pytest
+
+from ftx import bench, data, export
+from ftx.errors import FtxError
+
+
+def write(tmp_path, lines, name="d.jsonl"):
+    p = tmp_path / name
+    p.write_text("\n".join(lines) + "\n")
+    return p
+
+
+GOOD = json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]})
+
+
+@pytest.mark.parametrize("bad, problem", [
+    ('{"messages": [1, 2', "invalid JSON"),
+    (json.dumps({"messages": [{"role": "robot", "content": "x"}, {"role": "assistant", "content": "y"}]}),
+     "messages[0].role: unknown role 'robot'"),
+    (json.dumps({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": " "}]}),
+     "messages[-1].content: empty response"),
+    (json.dumps({"messages": [{"role": "user", "content": "x"}]}), "last turn must be from the assistant"),
+    (json.dumps({"prompt": "x"}), "completion: missing or not a string"),
+    (json.dumps({"text": "x"}), "unknown row format"),
+    ("[1, 2]", "row must be a JSON object"),
+])
+def test_bad_rows_name_file_and_line(tmp_path, bad, problem):
+    p = write(tmp_path, [GOOD, GOOD, bad, GOOD])
+    with pytest.raises(FtxError) as e:
+        data.load_rows(p)
+    assert str(e.value).startswith(f"{p}:3: ")
+    assert problem in str(e.value)
+
+
+def test_prompt_completion_rows_become_chat(tmp_path):
+    p = write(tmp_path, [json.dumps({"prompt": "2+2?", "completion": "4"})])
+    assert data.load_rows(p) == [[{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]]
+
+
+def test_split_is_seeded_disjoint_and_complete():
+    rows = [[{"role": "user", "content": str(i)}] for i in range(100)]
+    tr, va = data.split(rows, 0.1, seed=3)
+    tr2, va2 = data.split(rows, 0.1, seed=3)
+    assert (tr, va) == (tr2, va2) and len(va) == 10 and len(tr) == 90
+    assert sorted(r[0]["content"] for r in tr + va) == sorted(str(i) for i in range(100))
+    assert data.split(rows, 0.1, seed=4)[1] != va
+
+
+def test_data_stage_writes_nothing_when_input_is_bad(tmp_path):
+    good = write(tmp_path, [GOOD] * 10, "good.jsonl")
+    bad = write(tmp_path, [GOOD, "{oops"], "bad.jsonl")
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(FtxError):
+        data.run(data.DataConfig(path=good, heldout=bad), out)
+    assert list(out.iterdir()) == []
+
+
+def test_percentiles_match_numpy():
+    vals = list(np.random.default_rng(0).exponential(0.3, size=200))
+    p = bench.percentiles(vals)
+    assert p["p99"] == pytest.approx(np.percentile(vals, 99)) and p["p50"] == pytest.approx(np.median(vals))
+    assert bench.percentiles([])["p99"] is None
+
+
+def test_summarize_counts_errors_and_tokens():
+    recs = [{"ok": True, "ttft_s": 0.1 * i, "e2e_s": 0.5 + i, "tpot_s": 0.01, "output_tokens": 10, "token_source": "usage"}
+            for i in range(1, 5)]
+    recs.append({"ok": False, "ttft_s": None, "e2e_s": 2.0, "output_tokens": 0, "error": "Timeout"})
+    s = bench.summarize(recs, wall_s=2.0, concurrency=2)
+    assert (s.requests, s.ok, s.errors, s.output_tokens) == (5, 4, 1, 40)
+    assert s.output_tokens_per_s == 20.0 and s.token_source == "usage"
+    assert s.e2e_s["p50"] == pytest.approx(np.percentile([1.5, 2.5, 3.5, 4.5], 50))
+
+
+def test_chat_family_and_default_system():
+    chatml = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+              "{{ '<|im_start|>system\nYou are SmolLM<|im_end|>\n' }}{% endif %}"
+              "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}")
+    assert export.chat_family(chatml) == "chatml"
+    assert export.default_system(chatml) == "You are SmolLM"
+    assert export.chat_family("{{ bos_token }}[INST] {{ m }} [/INST]") is None
+    assert export.chat_family(None) is None
