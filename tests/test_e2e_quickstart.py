@@ -185,8 +185,8 @@ def test_served_model_answers_with_finetuned_behaviour(run1, heldout, tmp_path):
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
-    with socket.socket() as s:  # llama-server is gone: the port is free again
-        s.bind(("127.0.0.1", port))
+    with pytest.raises(ConnectionRefusedError):  # llama-server is gone: nothing listens on the port any more
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
 
 
 def test_bench_records_are_real_requests(run1):
