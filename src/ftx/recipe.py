@@ -14,7 +14,6 @@ import gc
 import json
 import platform
 import subprocess
-import sys
 import time
 from datetime import datetime, timezone
 from importlib import metadata

@@ -66,7 +66,6 @@ def collate(batch: list[dict], pad_id: int) -> dict:
 
 
 def load_base(base_dir: Path, method: str = "lora", device: str = "cpu"):
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .util import train_dtype
@@ -83,9 +82,9 @@ def load_base(base_dir: Path, method: str = "lora", device: str = "cpu"):
             bnb_4bit_compute_dtype=train_dtype(device),
         )
     model = AutoModelForCausalLM.from_pretrained(base_dir, **kwargs)
-    model.to(device) if method == "lora" else None
+    if method == "lora":  # bitsandbytes places 4-bit weights itself
+        model.to(device)
     model.eval()
-    torch.manual_seed(0)
     return model, tok
 
 
@@ -196,7 +195,8 @@ def run(cfg: TrainConfig, base_dir: Path, train_file: Path, val_file: Path, max_
     tok.save_pretrained(out / "adapter")
     plot_loss(metrics_path, out / "loss.png")
     del trainer
-    torch.cuda.empty_cache() if device == "cuda" else None
+    if device == "cuda":
+        torch.cuda.empty_cache()
     return TrainResult(
         adapter_dir="adapter", steps=train_out.global_step, train_loss=float(train_out.training_loss),
         val_loss=float(final_eval["eval_loss"]), val_perplexity=math.exp(min(final_eval["eval_loss"], 50)),
