@@ -14,10 +14,10 @@ PIP="${PIP:-python3 -m pip}"
 if [ -x "$DEST/bin/llama-server" ] && [ -f "$DEST/lib/libllama.so" ] && [ -f "$DEST/.complete" ]; then
   echo "llama.cpp $VERSION: cached at $DEST"; exit 0
 fi
-echo "llama.cpp $VERSION: building native tools into $DEST (one time, ~6 min on 2 cores)"
+echo "llama.cpp $VERSION: building native tools into $DEST (one time, ~8 min on 2 cores)"
 TMP="$(mktemp -d "$CACHE/.llama-build.XXXXXX" 2>/dev/null || (mkdir -p "$CACHE" && mktemp -d "$CACHE/.llama-build.XXXXXX"))"
 trap 'rm -rf "$TMP"' EXIT
-$PIP download --quiet --no-deps --no-binary=:all: "llama-cpp-python==$VERSION" -d "$TMP/dl"
+$PIP download --quiet --no-deps --no-binary=:all: "llama-cpp-python==$VERSION" -d "$TMP/dl" 2>&1 | { grep -v "^WARNING: Location" || true; }
 tar xzf "$TMP"/dl/llama_cpp_python-"$VERSION".tar.gz -C "$TMP"
 mv "$TMP/llama_cpp_python-$VERSION" "$TMP/src"
 cmake -S "$TMP/src/vendor/llama.cpp" -B "$TMP/build" -G Ninja -DCMAKE_BUILD_TYPE=Release \

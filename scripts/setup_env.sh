@@ -30,7 +30,8 @@ PIP="$PIP" FTX_CACHE="$CACHE" LLAMA_CPP_PYTHON_VERSION=$LLAMA_VERSION bash scrip
 LL="$CACHE/llama.cpp/$LLAMA_VERSION"
 q $PIP install -q --no-deps "$LL/src/vendor/llama.cpp/gguf-py"
 q env CMAKE_ARGS="-DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF" $PIP install -q --no-deps "$LL/src"
-SITE="$("$VENV/bin/python" -c 'import llama_cpp, os; print(os.path.dirname(llama_cpp.__file__))')"
+# the bindings load lib/libllama.so from their package dir (found without importing them: they can't import yet)
+SITE="$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/llama_cpp"
 mkdir -p "$SITE/lib" && cp -P "$LL"/lib/*.so* "$SITE/lib/"
 q $PIP install -q --no-deps -e .
 "$VENV/bin/python" -c "import llama_cpp, gguf, torch, transformers, peft, ftx" 
