@@ -85,6 +85,16 @@ def test_training_artifacts(run1):
     assert len(losses) == STEPS and len(vals) >= 2
     assert vals[-1] < vals[0] and np.mean(losses[-5:]) < np.mean(losses[:5])
     assert (run1["dir"] / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # trained tokens are response tokens of the training batches only (not eval batches)
+    from transformers import AutoTokenizer
+
+    from ftx import data
+
+    tok = AutoTokenizer.from_pretrained(run1["manifest"]["inputs"]["base_model"]["path"])
+    per_row = [sum(x != -100 for x in data.render(tok, m, 512)["labels"])
+               for m in data.read_split(run1["dir"] / "stages" / "data" / "train.jsonl")]
+    expected = STEPS * run1["manifest"]["config"]["train"]["batch_size"] * np.mean(per_row)
+    assert 0.85 * expected < run1["card"]["train"]["trained_tokens"] < 1.15 * expected
     assert {p.name for p in (run1["dir"] / "adapter").iterdir()} >= {"adapter_config.json", "adapter_model.safetensors"}
 
 

@@ -134,7 +134,7 @@ def run(cfg: TrainConfig, base_dir: Path, train_file: Path, val_file: Path, max_
     val_ds = [data.render(tok, m, max_seq_len) for m in data.read_split(val_file)]
     metrics_path = out / "metrics.jsonl"
     metrics_f = open(metrics_path, "w")
-    counted = {"tokens": 0}
+    counted = {"tokens": 0, "training": False}  # the collator serves eval batches too: count training ones only
 
     class Monitor(TrainerCallback):
         def __init__(self):
@@ -144,11 +144,16 @@ def run(cfg: TrainConfig, base_dir: Path, train_file: Path, val_file: Path, max_
             self.t0 = time.perf_counter()
 
         def on_train_begin(self, args, state, control, **kw):
+            counted["training"] = not args.eval_on_start
             self.progress.start()
             self.task = self.progress.add_task("train", total=state.max_steps, info="")
 
         def on_step_end(self, args, state, control, **kw):
+            counted["training"] = not control.should_evaluate  # eval batches are collated next
             self.progress.update(self.task, completed=state.global_step)
+
+        def on_evaluate(self, args, state, control, **kw):
+            counted["training"] = True
 
         def on_log(self, args, state, control, logs=None, **kw):
             logs = dict(logs or {})
@@ -169,7 +174,8 @@ def run(cfg: TrainConfig, base_dir: Path, train_file: Path, val_file: Path, max_
 
     def collator(batch):
         b = collate(batch, tok.pad_token_id)
-        counted["tokens"] += int((b["labels"] != -100).sum())
+        if counted["training"]:
+            counted["tokens"] += int((b["labels"] != -100).sum())
         return b
 
     args = TrainingArguments(
