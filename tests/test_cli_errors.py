@@ -45,7 +45,7 @@ def test_malformed_jsonl_line(recipe_copy, tmp_path):
     lines[41] = lines[41][:-5]  # cut the closing braces of line 42
     data.write_text("\n".join(lines) + "\n")
     proc = run_cli("recipe", "run", recipe_copy, f"output_dir={tmp_path / 'out'}")
-    assert_clean_failure(proc, tmp_path / "out", rf"{re.escape(str(data))}:42: invalid JSON .*")
+    assert_clean_failure(proc, tmp_path / "out", rf"{re.escape(str(data))}:42: json: invalid JSON .*")
 
 
 def test_bad_override(tmp_path):

@@ -23,11 +23,13 @@ GOOD = json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "ass
     (json.dumps({"messages": [{"role": "robot", "content": "x"}, {"role": "assistant", "content": "y"}]}),
      "messages[0].role: unknown role 'robot'"),
     (json.dumps({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": " "}]}),
-     "messages[-1].content: empty response"),
+     "messages[1].content: empty response"),
+    (json.dumps({"messages": [{"role": "user", "content": "x"}, {"role": "user", "content": "y"},
+                              {"role": "assistant", "content": "z"}]}),
+     "messages[1].role: turns must alternate user/assistant: expected assistant, got user"),
     (json.dumps({"messages": [{"role": "user", "content": "x"}]}), "last turn must be from the assistant"),
-    (json.dumps({"prompt": "x"}), "completion: missing or not a string"),
-    (json.dumps({"text": "x"}), "unknown row format"),
-    ("[1, 2]", "row must be a JSON object"),
+    (json.dumps({"prompt": "x"}), "messages: must be a non-empty list"),  # the file's format is chat
+    ("[1, 2]", "row: must be an object"),
 ])
 def test_bad_rows_name_file_and_line(tmp_path, bad, problem):
     p = write(tmp_path, [GOOD, GOOD, bad, GOOD])
@@ -44,11 +46,12 @@ def test_prompt_completion_rows_become_chat(tmp_path):
 
 def test_split_is_seeded_disjoint_and_complete():
     rows = [[{"role": "user", "content": str(i)}] for i in range(100)]
-    tr, va = data.split(rows, 0.1, seed=3)
-    tr2, va2 = data.split(rows, 0.1, seed=3)
-    assert (tr, va) == (tr2, va2) and len(va) == 10 and len(tr) == 90
-    assert sorted(r[0]["content"] for r in tr + va) == sorted(str(i) for i in range(100))
-    assert data.split(rows, 0.1, seed=4)[1] != va
+    tr, va, te = data.split(rows, 0.1, 0.1, seed=3)
+    assert (tr, va, te) == data.split(rows, 0.1, 0.1, seed=3) and (len(tr), len(va), len(te)) == (80, 10, 10)
+    assert sorted(r[0]["content"] for r in tr + va + te) == sorted(str(i) for i in range(100))
+    assert data.split(rows, 0.1, 0.1, seed=4)[1] != va
+    with pytest.raises(FtxError):
+        data.split(rows[:3], 0.5, 0.5)
 
 
 def test_data_stage_writes_nothing_when_input_is_bad(tmp_path):

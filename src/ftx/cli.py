@@ -87,15 +87,96 @@ def data():
     """Check chat datasets."""
 
 
+FORMAT_CHOICE = click.Choice(["auto", "chat", "alpaca", "completion", "text", "preference"])
+
+
 @data.command("validate")
 @click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
-def data_validate(files):
-    """Validate JSONL chat files (messages or prompt/completion rows)."""
-    from .data import load_rows
+@click.option("--format", "fmt", type=FORMAT_CHOICE, default="auto", show_default=True)
+@click.option("--on-error", type=click.Choice(["fail", "skip"]), default="skip", show_default=True,
+              help="skip: report every bad row and the drop counts; fail: stop at the first bad row")
+def data_validate(files, fmt, on_error):
+    """Validate dataset files (.jsonl/.json/.csv/.parquet): every bad row as file:line: field: problem."""
+    from rich.table import Table
 
+    from .data import load
+
+    console, bad = _console(), 0
     for f in files:
-        rows = load_rows(f)
-        click.echo(f"{f}: {len(rows)} rows ok")
+        _, report = load(f, fmt, on_error)
+        for p in report.problems:
+            click.echo(p, err=True)  # plain lines: greppable, never wrapped
+        table = Table(title=f"{f} ({report.format})")
+        table.add_column("rows read")
+        table.add_column("kept")
+        table.add_column("dropped, by reason")
+        table.add_row(str(report.rows_read), str(report.rows_kept),
+                      ", ".join(f"{k}: {v}" for k, v in report.dropped.items()) or "none")
+        console.print(table)
+        bad += report.rows_read - report.rows_kept
+    sys.exit(1 if bad else 0)
+
+
+@data.command("split")
+@click.argument("file", type=click.Path(path_type=Path))
+@click.option("--out", required=True, type=click.Path(path_type=Path))
+@click.option("--val", "val_fraction", default=0.1, show_default=True)
+@click.option("--test", "test_fraction", default=0.1, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--format", "fmt", type=FORMAT_CHOICE, default="auto", show_default=True)
+@click.option("--on-error", type=click.Choice(["fail", "skip"]), default="fail", show_default=True)
+@click.option("--no-dedupe", is_flag=True)
+def data_split(file, out, val_fraction, test_fraction, seed, fmt, on_error, no_dedupe):
+    """Dedupe and split into train/val/test JSONL (seeded), removing prompts that leak across splits."""
+    from .data import DataConfig, run
+    from .util import atomic_dir
+
+    cfg = DataConfig(path=file, format=fmt, on_error=on_error, dedupe=not no_dedupe, val_fraction=val_fraction,
+                     test_fraction=test_fraction, seed=seed)
+    with atomic_dir(out) as tmp:
+        r = run(cfg, tmp)
+        (tmp / "report.json").write_text(r.model_dump_json(indent=2))
+    click.echo(r.model_dump_json(indent=2, exclude={"load"}))
+
+
+@data.command("inspect")
+@click.argument("file", type=click.Path(path_type=Path))
+@click.option("--base-model", default="smollm2-135m-instruct", show_default=True, help="whose tokenizer and chat template")
+@click.option("--max-seq-len", default=512, show_default=True)
+@click.option("--format", "fmt", type=FORMAT_CHOICE, default="auto", show_default=True)
+@click.option("--png", type=click.Path(path_type=Path), default=None, help="token-length histogram")
+@click.option("--examples", "n_examples", default=2, show_default=True, help="rendered rows to show")
+def data_inspect(file, base_model, max_seq_len, fmt, png, n_examples):
+    """Counts, token lengths with the model's template, share truncated, roles and rendered examples."""
+    from rich.table import Table
+    from transformers import AutoTokenizer
+
+    from . import basemodel
+    from .data import inspect, load, plot_lengths
+
+    examples, report = load(file, fmt, "fail")
+    tok = AutoTokenizer.from_pretrained(basemodel.resolve(base_model))
+    st = inspect(examples, tok, max_seq_len)
+    table = Table(title=f"{file} ({report.format}, {st['rows']} rows)")
+    table.add_column("measure")
+    table.add_column("value")
+    ln = st["length"]
+    table.add_row("tokens per row", f"mean {ln['mean']:.1f} · p50 {ln['p50']:.0f} · p95 {ln['p95']:.0f} · max {ln['max']}")
+    table.add_row("tokens (all / trained)", f"{st['tokens_total']} / {st['trained_tokens']}")
+    table.add_row(f"rows over max_seq_len {max_seq_len}", f"{100 * st['truncated_share']:.1f}%")
+    if st["roles"]:
+        table.add_row("messages by role", ", ".join(f"{k} {v}" for k, v in st["roles"].items()))
+        table.add_row("assistant turns per row", f"mean {st['assistant_turns']['mean']:.2f} · max {st['assistant_turns']['max']}")
+    console = _console()
+    console.print(table)
+    for ex in examples[:n_examples]:
+        msgs = ex.get("messages") or (ex["prompt"] + [{"role": "assistant", "content": ex["chosen"]}] if "prompt" in ex else None)
+        text = tok.apply_chat_template(msgs, tokenize=False) if msgs else ex["text"]
+        console.rule("rendered")
+        console.print(text, markup=False)
+    if png:
+        plot_lengths(st["lengths"], max_seq_len, png)
+        console.print(f"histogram: {png}")
 
 
 # --------------------------------------------------------------------------------------------- merge / export

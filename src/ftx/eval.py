@@ -58,8 +58,8 @@ def check_sequences(tok, val_file: Path, max_tokens: int) -> list[list[int]]:
     from . import data
 
     seqs, total = [], 0
-    for msgs in data.read_split(val_file):
-        ids = data.render(tok, msgs, 4096)["input_ids"]
+    for ex in data.read_examples(val_file):
+        ids = data.render_example(tok, ex, 4096)["input_ids"]
         if total + len(ids) > max_tokens and seqs:
             break
         seqs.append(ids)
@@ -93,14 +93,14 @@ def compare_logits(a, b) -> dict:
     }
 
 
-def response_loss(model, tok, convs: list[list[dict]], max_seq_len: int, batch_size: int = 8) -> float:
-    """Mean loss over response tokens (the same tokens training optimizes)."""
+def response_loss(model, tok, examples: list[dict], max_seq_len: int, batch_size: int = 8) -> float:
+    """Mean loss over the tokens training optimizes (assistant turns; every token of text rows)."""
     import torch
 
     from . import data
     from .train import collate
 
-    rows = [data.render(tok, m, max_seq_len) for m in convs]
+    rows = [data.render_example(tok, ex, max_seq_len) for ex in examples]
     total, count = 0.0, 0
     with torch.no_grad():
         for i in range(0, len(rows), batch_size):
@@ -149,8 +149,8 @@ def run(cfg: EvalConfig, base_dir: Path, adapter_dir: Path, val_file: Path, held
     model, tok = load_base(base_dir, "lora", pick_device())
     model = PeftModel.from_pretrained(model, adapter_dir)
     model.eval()
-    val = data.read_split(val_file)
-    held = data.read_split(heldout_file) if heldout_file else val
+    val = data.read_examples(val_file)
+    held = data.read_split(heldout_file or val_file)  # chat conversations; none for text-only data
     held = held[: cfg.max_prompts]
     prompts, refs = [m[:-1] for m in held], [m[-1]["content"] for m in held]
     ft_loss = response_loss(model, tok, val, max_seq_len)

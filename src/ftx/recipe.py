@@ -245,9 +245,7 @@ def run(recipe_path: Path, overrides: tuple[str, ...] = (), force: tuple[str, ..
         if s not in STAGES and s != "all":
             raise FtxError(f"unknown stage {s!r}; stages: {', '.join(STAGES)}")
     recipe = load(recipe_path, overrides)
-    for f in (recipe.data.path, recipe.data.heldout):  # bad data fails before anything is printed or written
-        if f:
-            data.load_rows(f)
+    data.prepare(recipe.data)  # bad data fails before anything is printed or written
     force_set = forced_stages(force)
     stop_at = STAGES.index(until)
     out_root = recipe.output_dir.resolve()

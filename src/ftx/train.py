@@ -130,8 +130,8 @@ def run(cfg: TrainConfig, base_dir: Path, train_file: Path, val_file: Path, max_
         r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
         target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM",
     ))
-    train_ds = [data.render(tok, m, max_seq_len) for m in data.read_split(train_file)]
-    val_ds = [data.render(tok, m, max_seq_len) for m in data.read_split(val_file)]
+    train_ds = [data.render_example(tok, ex, max_seq_len) for ex in data.read_examples(train_file)]
+    val_ds = [data.render_example(tok, ex, max_seq_len) for ex in data.read_examples(val_file)]
     metrics_path = out / "metrics.jsonl"
     metrics_f = open(metrics_path, "w")
     counted = {"tokens": 0, "training": False}  # the collator serves eval batches too: count training ones only
