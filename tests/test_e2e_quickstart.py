@@ -227,3 +227,29 @@ def test_changing_a_train_setting_reruns_train_not_data(run1):
     assert manifest["stages"]["train"]["cached"] is False
     assert manifest["stages"]["train"]["key"] != run1["manifest"]["stages"]["train"]["key"]
     assert set(manifest["stages"]) == {"data", "train"}
+
+
+def test_qlora_trains_a_standard_peft_adapter(run1, hf):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from ftx.train import load_base
+
+    base_dir = run1["manifest"]["inputs"]["base_model"]["path"]
+    nf4, _ = load_base(Path(base_dir), "qlora", "cpu")
+    assert any(type(m).__name__ == "Linear4bit" for m in nf4.modules())  # really 4-bit weights
+    del nf4
+    run_dir, manifest = ftx_run(run1["out"], "train.method=qlora", "train.max_steps=3", "train.eval_every=3",
+                                "--until", "train")
+    assert manifest["stages"]["data"]["cached"] and not manifest["stages"]["train"]["cached"]
+    card = json.loads((run_dir / "run_card.json").read_text())
+    assert card["train"]["val_loss"] < run1["card"]["eval"]["base_val_loss"]
+    # the adapter is plain peft format: it loads onto the full-precision base and changes its logits
+    tok = hf[0]
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
+    x = torch.tensor([tok("What is 12 + 30?")["input_ids"]])
+    with torch.no_grad():
+        before = base(input_ids=x).logits
+        after = PeftModel.from_pretrained(base, run_dir / "adapter").eval()(input_ids=x).logits
+    assert (after - before).abs().max() > 1e-3
