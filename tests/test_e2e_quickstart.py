@@ -22,10 +22,13 @@ BENCH_REQUESTS = 12
 REGEX = re.compile(r'\{"category": "(math|geography|language|units)", "answer": "[^"]*"\}')
 
 
+def ftx_cmd(out, *extra):
+    return [*FTX, "recipe", "run", str(RECIPE), f"train.max_steps={STEPS}", "train.eval_every=10",
+            f"bench.requests={BENCH_REQUESTS}", f"output_dir={out}", *extra]
+
+
 def ftx_run(out, *extra):
-    cmd = [*FTX, "recipe", "run", str(RECIPE), f"train.max_steps={STEPS}", "train.eval_every=10",
-           f"bench.requests={BENCH_REQUESTS}", f"output_dir={out}", *extra]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=2400)
+    proc = subprocess.run(ftx_cmd(out, *extra), capture_output=True, text=True, timeout=2400)
     assert proc.returncode == 0, proc.stderr[-4000:]
     run_dir = Path(proc.stdout.strip().splitlines()[-1]).parent
     return run_dir, json.loads((run_dir / "manifest.json").read_text())
@@ -253,3 +256,42 @@ def test_qlora_trains_a_standard_peft_adapter(run1, hf):
         before = base(input_ids=x).logits
         after = PeftModel.from_pretrained(base, run_dir / "adapter").eval()(input_ids=x).logits
     assert (after - before).abs().max() > 1e-3
+
+
+def test_training_killed_with_sigkill_resumes_to_the_same_loss(run1, tmp_path):
+    import os
+
+    extra = ("train.max_steps=8", "train.eval_every=4", "train.save_every=2", "--until", "train")
+    ref_dir, ref = ftx_run(tmp_path / "ref", *extra)  # uninterrupted, in its own cache
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(ftx_cmd(out, *extra), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 600
+    while not list(out.glob(".cache/train/*.checkpoints/checkpoint-4/trainer_state.json")):
+        assert proc.poll() is None and time.time() < deadline, "training ended before checkpoint-4"
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not list(out.glob("quickstart/*/manifest.json"))  # nothing finished, nothing claimed
+    run_dir, manifest = ftx_run(out, *extra)
+    res = json.loads((run_dir / "run_card.json").read_text())["train"]
+    ref_res = json.loads((ref_dir / "run_card.json").read_text())["train"]
+    assert res["resumed_from_step"] in (4, 6) and ref_res["resumed_from_step"] is None
+    assert res["steps"] == ref_res["steps"] == 8
+    assert res["val_loss"] == pytest.approx(ref_res["val_loss"], rel=0.01)
+    last_loss = [[r["loss"] for r in map(json.loads, open(d / "stages" / "train" / "metrics.jsonl")) if "loss" in r][-1]
+                 for d in (run_dir, ref_dir)]
+    assert last_loss[0] == pytest.approx(last_loss[1], rel=0.01)
+    assert manifest["stages"]["train"]["key"] == ref["stages"]["train"]["key"]
+    assert not list(out.glob(".cache/train/*.checkpoints"))  # cleaned up once the stage finished
+
+
+def test_early_stopping_keeps_the_best_checkpoint(run1):
+    run_dir, _ = ftx_run(run1["out"], "train.max_steps=6", "train.eval_every=2", "train.early_stopping_patience=1",
+                         "train.learning_rate=5e-2", "--until", "train")
+    res = json.loads((run_dir / "run_card.json").read_text())["train"]
+    vals = {r["step"]: r["val_loss"] for r in map(json.loads, open(run_dir / "stages" / "train" / "metrics.jsonl"))
+            if "val_loss" in r}
+    best = min((s for s in vals if s > 0), key=vals.get)
+    assert res["stopped_early"] and res["steps"] < 6, res
+    assert res["best_step"] == best and res["val_loss"] == pytest.approx(vals[best])

@@ -13,6 +13,7 @@ from __future__ import annotations
 import gc
 import json
 import platform
+import shutil
 import subprocess
 import time
 from datetime import datetime, timezone
@@ -275,7 +276,10 @@ def run(recipe_path: Path, overrides: tuple[str, ...] = (), force: tuple[str, ..
 
     if stop_at >= STAGES.index("train"):
         k["train"] = runner.key("train", recipe.train.model_dump(mode="json"), [k["data"], inputs["base_model"]["sha256"]])
-        runner.run("train", k["train"], lambda out: train.run(recipe.train, base_dir, train_file, val_file, msl, out))
+        # checkpoints are keyed like the stage and live outside its temp dir: a crashed run resumes from them
+        ckpt = runner.cache / "train" / f"{k['train']}.checkpoints"
+        runner.run("train", k["train"], lambda out: train.run(recipe.train, base_dir, train_file, val_file, msl, out, ckpt))
+        shutil.rmtree(ckpt, ignore_errors=True)
         adapter = runner.path("train", runner.runs["train"].result["adapter_dir"])
     if stop_at >= STAGES.index("eval"):
         k["eval"] = runner.key("eval", recipe.eval.model_dump(mode="json"), [k["train"]])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from pathlib import Path
 from typing import Literal
@@ -35,6 +36,9 @@ class TrainConfig(BaseModel):
     batch_size: int = Field(8, ge=1)
     grad_accum: int = Field(1, ge=1)
     eval_every: int = Field(20, ge=1)
+    save_every: int | None = Field(None, ge=1, description="checkpoint cadence in steps (default: eval_every)")
+    early_stopping_patience: int | None = Field(None, ge=1, description="evals without val-loss improvement "
+                                                "before stopping; the best checkpoint is kept")
     seed: int = 0
 
 
@@ -47,6 +51,9 @@ class TrainResult(BaseModel):
     trained_tokens: int
     tokens_per_s: float
     device: str
+    best_step: int | None = None
+    stopped_early: bool = False
+    resumed_from_step: int | None = None
 
 
 def collate(batch: list[dict], pad_id: int) -> dict:
@@ -111,12 +118,26 @@ def plot_loss(metrics_path: Path, png: Path) -> None:
     plt.close(fig)
 
 
-def run(cfg: TrainConfig, base_dir: Path, train_file: Path, val_file: Path, max_seq_len: int, out: Path) -> TrainResult:
+def latest_checkpoint(checkpoint_dir: Path) -> str | None:
+    """The newest complete checkpoint: trainer_state.json is written last, so a checkpoint killed while being
+    written (no trainer_state.json) is skipped."""
+    done = [p for p in Path(checkpoint_dir).glob("checkpoint-*") if (p / "trainer_state.json").exists()]
+    return str(max(done, key=lambda p: int(p.name.rsplit("-", 1)[1]))) if done else None
+
+
+def run(cfg: TrainConfig, base_dir: Path, train_file: Path, val_file: Path, max_seq_len: int, out: Path,
+        checkpoint_dir: Path | None = None) -> TrainResult:
+    """Train and save the adapter into `out`. Checkpoints go to `checkpoint_dir` (outside the stage's temp dir,
+    so they survive a crash); if it already holds checkpoints of this exact stage, training resumes from the
+    latest one (optimizer, scheduler, RNG and data order included)."""
     import torch
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model, prepare_model_for_kbit_training
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-    from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments, set_seed
+    from transformers import (EarlyStoppingCallback, PrinterCallback, Trainer, TrainerCallback, TrainingArguments,
+                              set_seed)
+
+    from .errors import FtxError
 
     from . import data
     from .util import pick_device
@@ -132,8 +153,16 @@ def run(cfg: TrainConfig, base_dir: Path, train_file: Path, val_file: Path, max_
     ))
     train_ds = [data.render_example(tok, ex, max_seq_len) for ex in data.read_examples(train_file)]
     val_ds = [data.render_example(tok, ex, max_seq_len) for ex in data.read_examples(val_file)]
-    metrics_path = out / "metrics.jsonl"
+    checkpoint_dir = Path(checkpoint_dir or out / "checkpoints")
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    last = latest_checkpoint(checkpoint_dir)
+    resumed_from = int(last.rsplit("-", 1)[1]) if last else None
+    # metrics live beside the checkpoints while training, so a resumed run keeps its history
+    metrics_path = checkpoint_dir / "metrics.jsonl"
+    kept = [line for line in open(metrics_path) if json.loads(line)["step"] <= resumed_from] if last and metrics_path.exists() else []
     metrics_f = open(metrics_path, "w")
+    metrics_f.writelines(kept)
+    diverged = {"step": None}
     counted = {"tokens": 0, "training": False}  # the collator serves eval batches too: count training ones only
 
     class Monitor(TrainerCallback):
@@ -159,6 +188,9 @@ def run(cfg: TrainConfig, base_dir: Path, train_file: Path, val_file: Path, max_
             logs = dict(logs or {})
             row = {"step": state.global_step, "time_s": round(time.perf_counter() - self.t0, 3)}
             if "loss" in logs:
+                if not math.isfinite(logs["loss"]):
+                    diverged["step"] = state.global_step
+                    control.should_training_stop = True
                 row.update(loss=logs["loss"], lr=logs.get("learning_rate"), grad_norm=logs.get("grad_norm"))
                 row["tokens_per_s"] = counted["tokens"] / max(row["time_s"], 1e-9)
             if "eval_loss" in logs:
@@ -178,25 +210,41 @@ def run(cfg: TrainConfig, base_dir: Path, train_file: Path, val_file: Path, max_
             counted["tokens"] += int((b["labels"] != -100).sum())
         return b
 
+    save_every = cfg.eval_every if cfg.early_stopping_patience else (cfg.save_every or cfg.eval_every)
     args = TrainingArguments(
-        output_dir=str(out / "checkpoints"), max_steps=cfg.max_steps, per_device_train_batch_size=cfg.batch_size,
+        output_dir=str(checkpoint_dir), max_steps=cfg.max_steps, per_device_train_batch_size=cfg.batch_size,
         per_device_eval_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
         learning_rate=cfg.learning_rate, lr_scheduler_type=cfg.scheduler, warmup_steps=cfg.warmup_steps,
-        logging_steps=1, eval_strategy="steps", eval_steps=cfg.eval_every, eval_on_start=True, save_strategy="no", report_to=[],
+        logging_steps=1, eval_strategy="steps", eval_steps=cfg.eval_every, eval_on_start=not last,
+        save_strategy="steps", save_steps=save_every, save_total_limit=2, report_to=[],
+        load_best_model_at_end=bool(cfg.early_stopping_patience), metric_for_best_model="eval_loss", greater_is_better=False,
         seed=cfg.seed, data_seed=cfg.seed, use_cpu=device == "cpu", bf16=device == "cuda",
         dataloader_num_workers=0, remove_unused_columns=False, disable_tqdm=True, log_level="error",
     )
     monitor = Monitor()
+    callbacks = [monitor]
+    if cfg.early_stopping_patience:
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.early_stopping_patience))
     trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds,
-                      data_collator=collator, callbacks=[monitor])
+                      data_collator=collator, callbacks=callbacks)
     trainer.remove_callback(PrinterCallback)
     t0 = time.perf_counter()
-    train_out = trainer.train()
+    train_out = trainer.train(resume_from_checkpoint=last)
+    if diverged["step"] is not None:
+        metrics_f.close()
+        raise FtxError(f"training loss became NaN/inf at step {diverged['step']}; lower train.learning_rate "
+                       f"(now {cfg.learning_rate:g}) or check the data")
     elapsed = time.perf_counter() - t0
     counted_train = counted["tokens"]
     evals = [h for h in trainer.state.log_history if "eval_loss" in h and h.get("step") == trainer.state.global_step]
+    best_step = None
+    if cfg.early_stopping_patience:  # the best checkpoint's weights were loaded back: evaluate those
+        best_step = int(trainer.state.best_model_checkpoint.rsplit("-", 1)[1])
+        evals = [h for h in trainer.state.log_history if "eval_loss" in h and h.get("step") == best_step]
     final_eval = evals[-1] if evals else trainer.evaluate()  # evaluate() logs its row through Monitor
     metrics_f.close()
+    shutil.copy(metrics_path, out / "metrics.jsonl")
+    metrics_path = out / "metrics.jsonl"
     model.save_pretrained(out / "adapter")
     tok.save_pretrained(out / "adapter")
     plot_loss(metrics_path, out / "loss.png")
@@ -207,4 +255,5 @@ def run(cfg: TrainConfig, base_dir: Path, train_file: Path, val_file: Path, max_
         adapter_dir="adapter", steps=train_out.global_step, train_loss=float(train_out.training_loss),
         val_loss=float(final_eval["eval_loss"]), val_perplexity=math.exp(min(final_eval["eval_loss"], 50)),
         trained_tokens=counted_train, tokens_per_s=counted_train / max(elapsed, 1e-9), device=device,
+        best_step=best_step, stopped_early=train_out.global_step < cfg.max_steps, resumed_from_step=resumed_from,
     )
