@@ -9,7 +9,6 @@ run (alternating A B A B so machine drift hits both). Uses the quickstart run's 
 """
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -23,6 +22,7 @@ def main() -> None:
     from rich.table import Table
 
     from ftx import bench, data, serve
+    from ftx.util import write_json
 
     ap = argparse.ArgumentParser()
     ap.add_argument("gguf", nargs="?", default=str(ROOT / "runs" / "quickstart" / "latest" / "model-q4_k_m.gguf"))
@@ -53,8 +53,7 @@ def main() -> None:
     table.add_row("ratio 4/1", f"{out['ratio']:.2f}x", f"{med['parallel_4']['p99_e2e_s'] / med['parallel_1']['p99_e2e_s']:.2f}x")
     Console().print(table)
     dst = ROOT / "bench" / "results" / "serve_slots.json"
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    dst.write_text(json.dumps(out, indent=2))
+    write_json(dst, out)
     print(f"wrote {dst}")
 
 

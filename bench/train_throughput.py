@@ -14,7 +14,6 @@ Prints a table and writes bench/results/train_throughput.json; headline `ratio` 
 """
 
 import argparse
-import json
 import os
 import statistics
 import tempfile
@@ -67,6 +66,7 @@ def main() -> None:
     from rich.table import Table
 
     from ftx import basemodel, data
+    from ftx.util import write_json
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=6)
@@ -92,8 +92,7 @@ def main() -> None:
     table.add_row("ratio ftx/naive", f"{out['ratio']:.2f}x", "")
     Console().print(table)
     dst = ROOT / "bench" / "results" / "train_throughput.json"
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    dst.write_text(json.dumps(out, indent=2))
+    write_json(dst, out)
     print(f"wrote {dst}")
 
 

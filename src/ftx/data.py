@@ -25,7 +25,6 @@ from pydantic import BaseModel, ConfigDict, Field
 from .errors import FtxError
 
 ROLES = {"system", "user", "assistant"}
-FORMATS = ("chat", "alpaca", "completion", "text", "preference")
 SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 
 

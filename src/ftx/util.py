@@ -10,7 +10,7 @@ import shutil
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -84,7 +84,6 @@ def read_json(path: Path) -> Any:
 class Usage:
     wall_s: float = 0.0
     peak_rss_mb: float = 0.0
-    extra: dict = field(default_factory=dict)
 
 
 @contextlib.contextmanager
