@@ -348,7 +348,11 @@ def prepare(cfg: DataConfig) -> tuple[dict[str, list[dict]], dict]:
 
 def run(cfg: DataConfig, out: Path) -> DataResult:
     """Validate everything first, then write the splits into `out` (already a temp dir)."""
-    splits, facts = prepare(cfg)
+    return write(*prepare(cfg), out)
+
+
+def write(splits: dict[str, list[dict]], facts: dict, out: Path) -> DataResult:
+    """Write prepared splits into `out` (already a temp dir)."""
     for name, rows in splits.items():
         if rows or name in ("train", "val"):
             write_jsonl(out / f"{name}.jsonl", rows)

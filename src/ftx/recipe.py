@@ -10,6 +10,7 @@ Every run gets its own directory with manifest.json (lineage) and run_card.md/.j
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import platform
@@ -246,7 +247,6 @@ def run(recipe_path: Path, overrides: tuple[str, ...] = (), force: tuple[str, ..
         if s not in STAGES and s != "all":
             raise FtxError(f"unknown stage {s!r}; stages: {', '.join(STAGES)}")
     recipe = load(recipe_path, overrides)
-    data.prepare(recipe.data)  # bad data fails before anything is printed or written
     force_set = forced_stages(force)
     stop_at = STAGES.index(until)
     out_root = recipe.output_dir.resolve()
@@ -265,7 +265,9 @@ def run(recipe_path: Path, overrides: tuple[str, ...] = (), force: tuple[str, ..
 
     k = {}
     k["data"] = runner.key("data", data_cfg, [])
-    runner.run("data", k["data"], lambda out: data.run(recipe.data, out))
+    if runner.cached("data", k["data"]) is None:
+        prepared = data.prepare(recipe.data)  # bad data fails before anything is printed or written
+    runner.run("data", k["data"], lambda out: data.write(*prepared, out))
     with console.status("preparing the base model ..."):
         base_dir = basemodel.resolve(recipe.base_model)
         inputs["base_model"] = {"name": recipe.base_model, "path": str(base_dir), "sha256": sha256_tree(base_dir)}
@@ -302,16 +304,16 @@ def run(recipe_path: Path, overrides: tuple[str, ...] = (), force: tuple[str, ..
         k["serve"] = runner.key("serve", serve_cfg, [k["export"], k["data"]])
         k["bench"] = runner.key("bench", recipe.bench.model_dump(mode="json"), [k["serve"]])
         held = data.read_split(heldout_file)
-        need = [s for s in ("serve", "bench")[: stop_at - STAGES.index("serve") + 1]]
+        need = list(("serve", "bench")[: stop_at - STAGES.index("serve") + 1])
         missing = [s for s in need if runner.cached(s, k[s]) is None]
         if missing:
             server_log = out_root / ".cache" / "serve" / f"{k['serve']}.server.log"
-            with console.status(f"starting llama-server with {gguf.name} ..."):
-                t_start = time.perf_counter()
-                ctx = serve.running(recipe.serve, gguf, recipe.name, server_log)
-                endpoint = ctx.__enter__()
-                startup = time.perf_counter() - t_start
-            try:
+            with contextlib.ExitStack() as server:
+                with console.status(f"starting llama-server with {gguf.name} ..."):
+                    t_start = time.perf_counter()
+                    endpoint = server.enter_context(serve.running(recipe.serve, gguf, recipe.name, server_log))
+                    startup = time.perf_counter() - t_start
+
                 def do_serve(out: Path) -> serve.ServeResult:
                     chk = serve.check(endpoint, held[: recipe.serve.check_prompts], recipe.eval.response_regex,
                                       recipe.eval.max_new_tokens)
@@ -322,8 +324,6 @@ def run(recipe_path: Path, overrides: tuple[str, ...] = (), force: tuple[str, ..
                     prompts = [m[:-1] for m in held]
                     runner.run("bench", k["bench"], lambda out: bench.run(
                         recipe.bench, endpoint.base_url, endpoint.api_key, endpoint.model, prompts, out))
-            finally:
-                ctx.__exit__(None, None, None)
         else:
             for s in need:
                 runner.run(s, k[s], None)  # cached: fn is never called

@@ -174,20 +174,20 @@ def serve_forever(cfg: ServeConfig, gguf: Path, model_name: str, log: Path) -> N
         stopping["flag"] = True
 
     signal.signal(signal.SIGTERM, on_signal)
-    with console.status(f"loading {gguf.name} into llama-server ..."):
-        ctx = running(cfg, gguf, model_name, log)
-        ep = ctx.__enter__()
-    try:
-        console.print(f"[green]ready[/] {ep.base_url}  model={ep.model}  (log: {log})")
-        if not cfg.api_key and not os.environ.get("FTX_API_KEY"):
-            console.print(f"api key (generated): {ep.api_key}")
-        console.print(json.dumps({"base_url": ep.base_url, "model": ep.model}))
-        while not stopping["flag"] and ep.process.poll() is None:
-            time.sleep(0.5)
-        if ep.process.poll() is not None and not stopping["flag"]:
-            raise FtxError(f"llama-server exited with code {ep.process.returncode}: {_tail(log)}")
-    except KeyboardInterrupt:
-        pass
-    finally:
-        ctx.__exit__(None, None, None)
-        console.print("llama-server stopped")
+    with contextlib.ExitStack() as server:
+        with console.status(f"loading {gguf.name} into llama-server ..."):
+            ep = server.enter_context(running(cfg, gguf, model_name, log))
+        try:
+            console.print(f"[green]ready[/] {ep.base_url}  model={ep.model}  (log: {log})")
+            if not cfg.api_key and not os.environ.get("FTX_API_KEY"):
+                console.print(f"api key (generated): {ep.api_key}")
+            console.print(json.dumps({"base_url": ep.base_url, "model": ep.model}))
+            while not stopping["flag"] and ep.process.poll() is None:
+                time.sleep(0.5)
+            if ep.process.poll() is not None and not stopping["flag"]:
+                raise FtxError(f"llama-server exited with code {ep.process.returncode}: {_tail(log)}")
+        except KeyboardInterrupt:
+            pass
+        finally:
+            server.close()  # stops llama-server
+            console.print("llama-server stopped")

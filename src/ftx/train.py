@@ -118,11 +118,16 @@ def plot_loss(metrics_path: Path, png: Path) -> None:
     plt.close(fig)
 
 
+def checkpoint_step(path: str | Path) -> int:
+    """The step of a Trainer checkpoint directory (checkpoint-<step>)."""
+    return int(Path(path).name.rsplit("-", 1)[1])
+
+
 def latest_checkpoint(checkpoint_dir: Path) -> str | None:
     """The newest complete checkpoint: trainer_state.json is written last, so a checkpoint killed while being
     written (no trainer_state.json) is skipped."""
     done = [p for p in Path(checkpoint_dir).glob("checkpoint-*") if (p / "trainer_state.json").exists()]
-    return str(max(done, key=lambda p: int(p.name.rsplit("-", 1)[1]))) if done else None
+    return str(max(done, key=checkpoint_step)) if done else None
 
 
 def run(cfg: TrainConfig, base_dir: Path, train_file: Path, val_file: Path, max_seq_len: int, out: Path,
@@ -156,7 +161,7 @@ def run(cfg: TrainConfig, base_dir: Path, train_file: Path, val_file: Path, max_
     checkpoint_dir = Path(checkpoint_dir or out / "checkpoints")
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     last = latest_checkpoint(checkpoint_dir)
-    resumed_from = int(last.rsplit("-", 1)[1]) if last else None
+    resumed_from = checkpoint_step(last) if last else None
     # metrics live beside the checkpoints while training, so a resumed run keeps its history
     metrics_path = checkpoint_dir / "metrics.jsonl"
     kept = [line for line in open(metrics_path) if json.loads(line)["step"] <= resumed_from] if last and metrics_path.exists() else []
@@ -239,7 +244,7 @@ def run(cfg: TrainConfig, base_dir: Path, train_file: Path, val_file: Path, max_
     evals = [h for h in trainer.state.log_history if "eval_loss" in h and h.get("step") == trainer.state.global_step]
     best_step = None
     if cfg.early_stopping_patience:  # the best checkpoint's weights were loaded back: evaluate those
-        best_step = int(trainer.state.best_model_checkpoint.rsplit("-", 1)[1])
+        best_step = checkpoint_step(trainer.state.best_model_checkpoint)
         evals = [h for h in trainer.state.log_history if "eval_loss" in h and h.get("step") == best_step]
     final_eval = evals[-1] if evals else trainer.evaluate()  # evaluate() logs its row through Monitor
     metrics_f.close()
