@@ -100,8 +100,25 @@ def test_leakage_across_splits_is_removed():
     train = [ex("Capital of France?", "Paris")]
     val = [ex("capital of  France?", "It is Paris"), ex("Capital of Peru?", "Lima")]
     test = [ex("Capital of Peru?", "Lima!")]
-    (val2, test2), removed = data.remove_leakage(train, val, test)
-    assert val2 == [val[1]] and test2 == [] and removed == 2
+    (val2, test2), removed, near = data.remove_leakage(train, val, test)
+    assert val2 == [val[1]] and test2 == [] and (removed, near) == (2, 0)
+
+
+def test_near_duplicate_prompts_across_splits_are_removed():
+    def ex(q):
+        return {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": "ok"}]}
+
+    long_q = "Summarize the following report about quarterly revenue growth in the northern region for the board"
+    train = [ex(long_q), ex("What is 17 + 25?")]
+    val = [ex(long_q.replace("the board", "the board please")),  # one word added: near duplicate
+           ex("What is 18 + 25?"),                              # same template, different question: kept
+           ex("Translate 'good morning' into French")]
+    (val2,), exact, near = data.remove_leakage(train, val, near_dup_threshold=0.8)
+    assert val2 == val[1:] and (exact, near) == (0, 1)
+    (val3,), _, near_off = data.remove_leakage(train, val)  # off by default in the function
+    assert val3 == val and near_off == 0
+    sim = data.jaccard(data.shingles(long_q), data.shingles(long_q + " please"))
+    assert 0.8 < sim < 1
 
 
 def test_data_stage_reports_and_writes_splits(tmp_path):

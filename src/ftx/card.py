@@ -36,7 +36,7 @@ def build_card(recipe, runner, run_id: str, created: str, wall_s: float, version
         "stages": [{"name": r.name, "key": r.key, "cached": r.cached, "wall_s": r.wall_s, "peak_rss_mb": r.peak_rss_mb}
                    for r in runner.runs.values()],
     }
-    for name in ("train", "eval", "merge", "export", "serve", "bench"):
+    for name in ("data", "train", "dpo", "eval", "merge", "export", "serve", "bench"):
         card[name] = res.get(name)
     if card["eval"]:
         card["eval"] = {**card["eval"], "samples": card["eval"]["samples"][:6]}

@@ -126,13 +126,15 @@ def data_validate(files, fmt, on_error):
 @click.option("--format", "fmt", type=FORMAT_CHOICE, default="auto", show_default=True)
 @click.option("--on-error", type=click.Choice(["fail", "skip"]), default="fail", show_default=True)
 @click.option("--no-dedupe", is_flag=True)
-def data_split(file, out, val_fraction, test_fraction, seed, fmt, on_error, no_dedupe):
+@click.option("--near-dup", "near_dup", default=0.9, show_default=True,
+              help="Jaccard threshold (word 3-grams) for near-duplicate prompts across splits; 0 turns it off")
+def data_split(file, out, val_fraction, test_fraction, seed, fmt, on_error, no_dedupe, near_dup):
     """Dedupe and split into train/val/test JSONL (seeded), removing prompts that leak across splits."""
     from .data import DataConfig, run
     from .util import atomic_dir
 
     cfg = DataConfig(path=file, format=fmt, on_error=on_error, dedupe=not no_dedupe, val_fraction=val_fraction,
-                     test_fraction=test_fraction, seed=seed)
+                     test_fraction=test_fraction, seed=seed, near_dup_threshold=near_dup or None)
     with atomic_dir(out) as tmp:
         r = run(cfg, tmp)
         (tmp / "report.json").write_text(r.model_dump_json(indent=2))

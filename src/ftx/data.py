@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import json
 import random
+import re
 from collections import Counter
 from pathlib import Path
 from typing import Any, Literal
@@ -35,6 +36,9 @@ class DataConfig(BaseModel):
     format: Literal["auto", "chat", "alpaca", "completion", "text", "preference"] = "auto"
     on_error: Literal["fail", "skip"] = Field("fail", description="a bad row stops the run, or is dropped and counted")
     dedupe: bool = Field(True, description="drop exact and whitespace/case-normalized duplicate rows")
+    near_dup_threshold: float | None = Field(0.9, gt=0, le=1, description="an evaluation row whose prompt has at "
+                                             "least this Jaccard similarity (word 3-grams) to an earlier split's "
+                                             "prompt is removed as leakage; null turns it off")
     val_fraction: float = Field(0.1, gt=0, lt=1)
     test_fraction: float = Field(0.1, ge=0, lt=1)
     seed: int = 0
@@ -58,6 +62,7 @@ class DataResult(BaseModel):
     heldout_rows: int
     duplicates_removed: dict[str, int]
     leakage_removed: int
+    near_duplicates_removed: int = 0
     load: list[LoadReport]
     train_file: str
     val_file: str
@@ -275,6 +280,12 @@ def prompt_key(ex: dict) -> str:
     return _norm(ex["text"])
 
 
+def prompt_text(ex: dict) -> str:
+    """The prompt as plain text (contents only, no JSON syntax): near-duplicates are judged on this."""
+    msgs = ex["messages"][:-1] if "messages" in ex else ex.get("prompt")
+    return " ".join(m["content"] for m in msgs) if msgs is not None else ex["text"]
+
+
 def dedupe(examples: list[dict]) -> tuple[list[dict], dict[str, int]]:
     seen_exact, seen_norm, out = set(), set(), []
     counts = {"exact": 0, "normalized": 0}
@@ -304,21 +315,71 @@ def split(rows: list, val_fraction: float, test_fraction: float = 0.0, seed: int
     return [rows[i] for i in train], [rows[i] for i in val], [rows[i] for i in test]
 
 
-def remove_leakage(train: list[dict], *others: list[dict]) -> tuple[list[list[dict]], int]:
-    """Drop evaluation rows whose prompt (normalized) also occurs in train or an earlier evaluation split."""
+def shingles(text: str, n: int = 3) -> set[str]:
+    """Word n-grams of a normalized text (the whole text when it is shorter than n words)."""
+    words = re.findall(r"\w+|[^\w\s]", text.lower())
+    return {" ".join(words[i:i + n]) for i in range(max(1, len(words) - n + 1))}
+
+
+def jaccard(a: set, b: set) -> float:
+    return len(a & b) / len(a | b) if a or b else 1.0
+
+
+class NearDupIndex:
+    """Near-duplicate lookup: MinHash LSH (datasketch) finds candidates, exact Jaccard on shingles decides."""
+
+    def __init__(self, threshold: float, num_perm: int = 128):
+        from datasketch import MinHash, MinHashLSH
+
+        self.threshold, self.num_perm, self._minhash = threshold, num_perm, MinHash
+        # LSH is tuned a little below the threshold so candidates near it are not missed; exact Jaccard filters
+        self.lsh = MinHashLSH(threshold=max(0.05, threshold - 0.1), num_perm=num_perm)
+        self.sets: dict[int, set[str]] = {}
+
+    def _hash(self, sh: set[str]):
+        m = self._minhash(num_perm=self.num_perm)
+        m.update_batch([s.encode() for s in sh])
+        return m
+
+    def add(self, text: str) -> None:
+        sh = shingles(text)
+        key = len(self.sets)
+        self.sets[key] = sh
+        self.lsh.insert(key, self._hash(sh))
+
+    def match(self, text: str) -> float:
+        """The highest Jaccard similarity to an indexed text at or above the threshold (0.0 if none)."""
+        sh = shingles(text)
+        best = max((jaccard(sh, self.sets[k]) for k in self.lsh.query(self._hash(sh))), default=0.0)
+        return best if best >= self.threshold else 0.0
+
+
+def remove_leakage(train: list[dict], *others: list[dict], near_dup_threshold: float | None = None
+                   ) -> tuple[list[list[dict]], int, int]:
+    """Drop evaluation rows whose prompt also occurs in train or an earlier evaluation split: exactly (after
+    whitespace/case normalization) or, with a threshold, as a near duplicate. Returns the kept splits and the
+    counts of exact and near-duplicate removals."""
     seen = {prompt_key(ex) for ex in train}
-    kept, removed = [], 0
+    index = NearDupIndex(near_dup_threshold) if near_dup_threshold else None
+    if index:
+        for ex in train:
+            index.add(prompt_text(ex))
+    kept, exact, near = [], 0, 0
     for rows in others:
         out = []
         for ex in rows:
             k = prompt_key(ex)
             if k in seen:
-                removed += 1
+                exact += 1
+            elif index and index.match(prompt_text(ex)):
+                near += 1
             else:
                 out.append(ex)
                 seen.add(k)
+                if index:
+                    index.add(prompt_text(ex))
         kept.append(out)
-    return kept, removed
+    return kept, exact, near
 
 
 def write_jsonl(path: Path, examples: list[dict]) -> None:
@@ -339,11 +400,13 @@ def prepare(cfg: DataConfig) -> tuple[dict[str, list[dict]], dict]:
     if cfg.heldout:
         heldout, held_report = load(cfg.heldout, cfg.format, cfg.on_error)
         reports.append(held_report)
-    (val, test, heldout), leaked = remove_leakage(train, val, test, heldout)
+    (val, test, heldout), leaked, near = remove_leakage(train, val, test, heldout,
+                                                        near_dup_threshold=cfg.near_dup_threshold)
     if not val:
         raise FtxError("every validation row duplicates a training prompt", where=str(cfg.path))
     splits = {"train": train, "val": val, "test": test, "heldout": heldout}
-    return splits, {"format": report.format, "duplicates_removed": dups, "leakage_removed": leaked, "load": reports}
+    return splits, {"format": report.format, "duplicates_removed": dups, "leakage_removed": leaked,
+                    "near_duplicates_removed": near, "load": reports}
 
 
 def run(cfg: DataConfig, out: Path) -> DataResult:

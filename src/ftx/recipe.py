@@ -280,7 +280,8 @@ def run(recipe_path: Path, overrides: tuple[str, ...] = (), force: tuple[str, ..
         k["train"] = runner.key("train", recipe.train.model_dump(mode="json"), [k["data"], inputs["base_model"]["sha256"]])
         # checkpoints are keyed like the stage and live outside its temp dir: a crashed run resumes from them
         ckpt = runner.cache / "train" / f"{k['train']}.checkpoints"
-        runner.run("train", k["train"], lambda out: train.run(recipe.train, base_dir, train_file, val_file, msl, out, ckpt))
+        runner.run("train", k["train"], lambda out: train.run(recipe.train, base_dir, train_file, val_file, msl, out, ckpt,
+                                                              log_root=out_root, run_name=f"{recipe.name}/{k['train']}"))
         shutil.rmtree(ckpt, ignore_errors=True)
         adapter = runner.path("train", runner.runs["train"].result["adapter_dir"])
     if stop_at >= STAGES.index("eval"):

@@ -1,20 +1,30 @@
-"""Train stage: LoRA / QLoRA fine-tuning with transformers + peft.
+"""Train stage: LoRA / QLoRA fine-tuning with transformers + peft (or Unsloth on CUDA).
 
-fp32 on CPU (bf16 matmuls are ~100x slower there), bf16 on CUDA. Batches are padded only to the longest
-row in the batch (never to max_seq_len), and the loss covers the final assistant turn only.
-Writes: adapter/ (standard peft format), metrics.jsonl, loss.png.
+fp32 on CPU (bf16 matmuls are ~100x slower there), bf16 on CUDA. By default a batch is packed into one row
+without padding: position ids restart at every example and the attention mask is block-diagonal, so no
+example attends to another (see `collate_packed`). The loss covers assistant turns only.
+Writes: adapter/ (standard peft format, whichever backend trained it), metrics.jsonl, loss.png.
 """
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import json
 import math
+import os
+import resource
 import shutil
 import time
 from pathlib import Path
-from typing import Literal
+from typing import Iterator, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from .errors import FtxError
+
+PRESETS = ("all-linear", "attention", "mlp")
+OPTIMIZERS = ("auto", "adamw_torch", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit")
 
 
 class LoraConfig(BaseModel):
@@ -22,19 +32,35 @@ class LoraConfig(BaseModel):
     r: int = Field(8, ge=1)
     alpha: int = Field(16, ge=1)
     dropout: float = Field(0.0, ge=0, lt=1)
-    target_modules: str | list[str] = "all-linear"
+    target_modules: Literal["all-linear", "attention", "mlp"] | list[str] = Field(
+        "all-linear", description="a preset (all-linear: every linear layer but the output head; attention: "
+                                  "q/k/v/o projections; mlp: the feed-forward layers) or module names")
 
 
 class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     method: Literal["lora", "qlora"] = "lora"
+    backend: Literal["auto", "hf", "unsloth"] = Field(
+        "auto", description="auto: Unsloth when CUDA and the `gpu` extra are present, else transformers+peft")
     lora: LoraConfig = LoraConfig()
     learning_rate: float = Field(1e-3, gt=0)
     scheduler: str = "cosine"
     warmup_steps: int = Field(10, ge=0)
     max_steps: int = Field(100, ge=1)
+    epochs: float | None = Field(None, gt=0, description="passes over the train split; replaces max_steps when set")
     batch_size: int = Field(8, ge=1)
     grad_accum: int = Field(1, ge=1)
+    packing: bool | Literal["auto"] = Field(
+        "auto", description="true: pack each batch into one row without padding (no cross-example attention); "
+                            "false: pad each batch to its longest row; auto: pack when the attention kernel is "
+                            "varlen (flash-attention), where packing wastes nothing")
+    gradient_checkpointing: bool = Field(False, description="recompute activations in backward: less memory, "
+                                                            "~30% more time")
+    optimizer: Literal["auto", "adamw_torch", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"] = Field(
+        "auto", description="auto: paged_adamw_8bit for QLoRA on CUDA, adamw_torch otherwise")
+    report_to: list[Literal["tensorboard", "mlflow"]] = Field(
+        default_factory=list, description="also log to TensorBoard (<output_dir>/tensorboard) and/or an MLflow "
+                                          "file store (<output_dir>/mlruns)")
     eval_every: int = Field(20, ge=1)
     save_every: int | None = Field(None, ge=1, description="checkpoint cadence in steps (default: eval_every)")
     early_stopping_patience: int | None = Field(None, ge=1, description="evals without val-loss improvement "
@@ -54,6 +80,12 @@ class TrainResult(BaseModel):
     best_step: int | None = None
     stopped_early: bool = False
     resumed_from_step: int | None = None
+    backend: str = "hf"
+    target_modules: list[str] = []
+    trainable_params: int = 0
+    optimizer: str = "adamw_torch"
+    packing: bool = False
+    peak_memory_mb: float = 0.0
 
 
 def collate(batch: list[dict], pad_id: int) -> dict:
@@ -72,6 +104,111 @@ def collate(batch: list[dict], pad_id: int) -> dict:
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
+def collate_packed(batch: list[dict]) -> dict:
+    """Padding-free batching: the rows of a batch are concatenated into one sequence; position ids restart at
+    each row. With no attention mask, transformers derives a block-diagonal causal mask from the position ids
+    (flash-attention varlen on CUDA, a packed-sequence mask for SDPA/eager), so rows never attend to each other.
+    The first label of each row is masked: nothing before it belongs to the same example."""
+    import torch
+
+    ids, labels, pos = [], [], []
+    for b in batch:
+        ids += b["input_ids"]
+        labels += [-100] + list(b["labels"][1:])
+        pos += range(len(b["input_ids"]))
+    return {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels]), "position_ids": torch.tensor([pos])}
+
+
+def target_modules(model, spec: str | list[str]) -> list[str]:
+    """Resolve a preset to the leaf names of the model's linear layers (never the output head)."""
+    import torch
+
+    head = model.get_output_embeddings()
+    linear = {name: m for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not head}
+    leaves = sorted({n.rsplit(".", 1)[-1] for n in linear})
+    if isinstance(spec, list):
+        missing = [t for t in spec if t not in leaves]
+        if missing:
+            raise FtxError(f"train.lora.target_modules: {', '.join(missing)} not in this model's linear layers "
+                           f"({', '.join(leaves)})")
+        return spec
+    if spec == "all-linear":
+        return leaves
+    parent = {"attention": ("attn", "attention"), "mlp": ("mlp", "feed_forward", "ffn")}[spec]
+    picked = sorted({n.rsplit(".", 1)[-1] for n in linear if any(p in n.rsplit(".", 2)[-2] for p in parent)})
+    if not picked:
+        raise FtxError(f"train.lora.target_modules: preset {spec!r} matches no layer of this model ({', '.join(leaves)})")
+    return picked
+
+
+def pick_backend(cfg: TrainConfig, device: str) -> str:
+    if cfg.backend == "unsloth" and device != "cuda":
+        raise FtxError("train.backend: unsloth needs a CUDA GPU (it refuses to import without one); use auto or hf")
+    if cfg.backend == "unsloth" and importlib.util.find_spec("unsloth") is None:
+        raise FtxError("train.backend: unsloth is not installed: pip install 'ftx[gpu]'")
+    if cfg.backend == "auto":
+        return "unsloth" if device == "cuda" and importlib.util.find_spec("unsloth") is not None else "hf"
+    return cfg.backend
+
+
+def pick_optimizer(cfg: TrainConfig, device: str) -> str:
+    if cfg.optimizer.startswith("paged_") and device != "cuda":
+        raise FtxError(f"train.optimizer: {cfg.optimizer} pages optimizer state between GPU and CPU memory and "
+                       "needs CUDA; use adamw_torch (or auto)")
+    if cfg.optimizer == "auto":
+        return "paged_adamw_8bit" if cfg.method == "qlora" and device == "cuda" else "adamw_torch"
+    return cfg.optimizer
+
+
+def peak_memory_mb(device: str) -> float:
+    """Peak GPU memory allocated by torch on CUDA; peak resident set size of this process on CPU."""
+    if device == "cuda":
+        import torch
+
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+@contextlib.contextmanager
+def tracking_env(report_to: list[str], log_root: Path | None, experiment: str, run_name: str) -> Iterator[None]:
+    """Point transformers' TensorBoard / MLflow callbacks at local stores under `log_root` for the block."""
+    env = {}
+    if "tensorboard" in report_to:
+        env["TENSORBOARD_LOGGING_DIR"] = str(Path(log_root) / "tensorboard" / experiment / run_name)
+    if "mlflow" in report_to:
+        # a local file store (mlflow-skinny has no SQL backend); MLflow 3 wants the opt-in for it
+        env.update(MLFLOW_TRACKING_URI=(Path(log_root) / "mlruns").resolve().as_uri(), MLFLOW_ALLOW_FILE_STORE="true",
+                   MLFLOW_EXPERIMENT_NAME=experiment, MLFLOW_RUN_NAME=run_name, HF_MLFLOW_LOG_ARTIFACTS="false")
+    for mod in report_to:
+        if importlib.util.find_spec({"tensorboard": "tensorboard", "mlflow": "mlflow"}[mod]) is None:
+            raise FtxError(f"train.report_to: {mod} is not installed: pip install 'ftx[monitor]'")
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def load_unsloth(cfg: TrainConfig, base_dir: Path, max_seq_len: int):
+    """Unsloth's FastLanguageModel + its LoRA: same peft adapter format on disk (CUDA only)."""
+    from unsloth import FastLanguageModel
+
+    model, tok = FastLanguageModel.from_pretrained(model_name=str(base_dir), max_seq_length=max_seq_len,
+                                                   load_in_4bit=cfg.method == "qlora", dtype=None)
+    targets = target_modules(model, cfg.lora.target_modules)
+    model = FastLanguageModel.get_peft_model(
+        model, r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout, target_modules=targets,
+        use_gradient_checkpointing="unsloth" if cfg.gradient_checkpointing else False, random_state=cfg.seed)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return model, tok, targets
+
+
 def load_base(base_dir: Path, method: str = "lora", device: str = "cpu"):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -81,6 +218,8 @@ def load_base(base_dir: Path, method: str = "lora", device: str = "cpu"):
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     kwargs = {"dtype": train_dtype(device)}
+    if device == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+        kwargs["attn_implementation"] = "flash_attention_2"
     if method == "qlora":
         from transformers import BitsAndBytesConfig
 
@@ -131,7 +270,7 @@ def latest_checkpoint(checkpoint_dir: Path) -> str | None:
 
 
 def run(cfg: TrainConfig, base_dir: Path, train_file: Path, val_file: Path, max_seq_len: int, out: Path,
-        checkpoint_dir: Path | None = None) -> TrainResult:
+        checkpoint_dir: Path | None = None, log_root: Path | None = None, run_name: str = "ftx") -> TrainResult:
     """Train and save the adapter into `out`. Checkpoints go to `checkpoint_dir` (outside the stage's temp dir,
     so they survive a crash); if it already holds checkpoints of this exact stage, training resumes from the
     latest one (optimizer, scheduler, RNG and data order included)."""
@@ -142,22 +281,34 @@ def run(cfg: TrainConfig, base_dir: Path, train_file: Path, val_file: Path, max_
     from transformers import (EarlyStoppingCallback, PrinterCallback, Trainer, TrainerCallback, TrainingArguments,
                               set_seed)
 
-    from .errors import FtxError
-
     from . import data
     from .util import pick_device
 
     device = pick_device()
+    backend = pick_backend(cfg, device)
+    optimizer = pick_optimizer(cfg, device)
     set_seed(cfg.seed)
-    model, tok = load_base(base_dir, cfg.method, device)
-    if cfg.method == "qlora":
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    model = get_peft_model(model, PeftLoraConfig(
-        r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-        target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM",
-    ))
+    if backend == "unsloth":
+        model, tok, targets = load_unsloth(cfg, base_dir, max_seq_len)
+    else:
+        model, tok = load_base(base_dir, cfg.method, device)
+        targets = target_modules(model, cfg.lora.target_modules)
+        if cfg.method == "qlora":
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+        model = get_peft_model(model, PeftLoraConfig(
+            r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+            target_modules=targets, task_type="CAUSAL_LM",
+        ))
+    model.config.use_cache = False  # a KV cache in training also turns off packed-sequence masking
+    packing = cfg.packing
+    if packing == "auto":  # measured on CPU/SDPA: the dense block-diagonal mask makes packing 0.86x of padding
+        packing = str(model.config._attn_implementation).startswith("flash")
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     train_ds = [data.render_example(tok, ex, max_seq_len) for ex in data.read_examples(train_file)]
     val_ds = [data.render_example(tok, ex, max_seq_len) for ex in data.read_examples(val_file)]
+    max_steps = cfg.max_steps
+    if cfg.epochs:
+        max_steps = max(1, math.ceil(cfg.epochs * len(train_ds) / (cfg.batch_size * cfg.grad_accum)))
     checkpoint_dir = Path(checkpoint_dir or out / "checkpoints")
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     last = latest_checkpoint(checkpoint_dir)
@@ -191,7 +342,8 @@ def run(cfg: TrainConfig, base_dir: Path, train_file: Path, val_file: Path, max_
 
         def on_log(self, args, state, control, logs=None, **kw):
             logs = dict(logs or {})
-            row = {"step": state.global_step, "time_s": round(time.perf_counter() - self.t0, 3)}
+            row = {"step": state.global_step, "time_s": round(time.perf_counter() - self.t0, 3),
+                   "peak_memory_mb": round(peak_memory_mb(device), 1)}
             if "loss" in logs:
                 if not math.isfinite(logs["loss"]):
                     diverged["step"] = state.global_step
@@ -200,7 +352,7 @@ def run(cfg: TrainConfig, base_dir: Path, train_file: Path, val_file: Path, max_
                 row["tokens_per_s"] = counted["tokens"] / max(row["time_s"], 1e-9)
             if "eval_loss" in logs:
                 row.update(val_loss=logs["eval_loss"], val_perplexity=math.exp(min(logs["eval_loss"], 50)))
-            if len(row) > 2:
+            if len(row) > 3:
                 metrics_f.write(json.dumps(row) + "\n")
                 metrics_f.flush()
                 info = " ".join(f"{k}={row[k]:.4g}" for k in ("loss", "val_loss") if k in row)
@@ -210,18 +362,20 @@ def run(cfg: TrainConfig, base_dir: Path, train_file: Path, val_file: Path, max_
             self.progress.stop()
 
     def collator(batch):
-        b = collate(batch, tok.pad_token_id)
+        b = collate_packed(batch) if packing else collate(batch, tok.pad_token_id)
         if counted["training"]:
             counted["tokens"] += int((b["labels"] != -100).sum())
         return b
 
     save_every = cfg.eval_every if cfg.early_stopping_patience else (cfg.save_every or cfg.eval_every)
     args = TrainingArguments(
-        output_dir=str(checkpoint_dir), max_steps=cfg.max_steps, per_device_train_batch_size=cfg.batch_size,
+        output_dir=str(checkpoint_dir), max_steps=max_steps, per_device_train_batch_size=cfg.batch_size,
         per_device_eval_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
         learning_rate=cfg.learning_rate, lr_scheduler_type=cfg.scheduler, warmup_steps=cfg.warmup_steps,
         logging_steps=1, eval_strategy="steps", eval_steps=cfg.eval_every, eval_on_start=not last,
-        save_strategy="steps", save_steps=save_every, save_total_limit=2, report_to=[],
+        save_strategy="steps", save_steps=save_every, save_total_limit=2, report_to=list(cfg.report_to),
+        optim=optimizer, gradient_checkpointing=cfg.gradient_checkpointing and backend == "hf",
+        gradient_checkpointing_kwargs={"use_reentrant": False},
         load_best_model_at_end=bool(cfg.early_stopping_patience), metric_for_best_model="eval_loss", greater_is_better=False,
         seed=cfg.seed, data_seed=cfg.seed, use_cpu=device == "cpu", bf16=device == "cuda",
         dataloader_num_workers=0, remove_unused_columns=False, disable_tqdm=True, log_level="error",
@@ -230,11 +384,13 @@ def run(cfg: TrainConfig, base_dir: Path, train_file: Path, val_file: Path, max_
     callbacks = [monitor]
     if cfg.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.early_stopping_patience))
-    trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds,
-                      data_collator=collator, callbacks=callbacks)
-    trainer.remove_callback(PrinterCallback)
-    t0 = time.perf_counter()
-    train_out = trainer.train(resume_from_checkpoint=last)
+    experiment, _, name = run_name.rpartition("/")
+    with tracking_env(cfg.report_to, log_root or out, experiment=experiment or "ftx", run_name=name):
+        trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds,
+                          data_collator=collator, callbacks=callbacks)
+        trainer.remove_callback(PrinterCallback)
+        t0 = time.perf_counter()
+        train_out = trainer.train(resume_from_checkpoint=last)
     if diverged["step"] is not None:
         metrics_f.close()
         raise FtxError(f"training loss became NaN/inf at step {diverged['step']}; lower train.learning_rate "
@@ -260,5 +416,7 @@ def run(cfg: TrainConfig, base_dir: Path, train_file: Path, val_file: Path, max_
         adapter_dir="adapter", steps=train_out.global_step, train_loss=float(train_out.training_loss),
         val_loss=float(final_eval["eval_loss"]), val_perplexity=math.exp(min(final_eval["eval_loss"], 50)),
         trained_tokens=counted_train, tokens_per_s=counted_train / max(elapsed, 1e-9), device=device,
-        best_step=best_step, stopped_early=train_out.global_step < cfg.max_steps, resumed_from_step=resumed_from,
+        best_step=best_step, stopped_early=train_out.global_step < max_steps, resumed_from_step=resumed_from,
+        backend=backend, target_modules=targets, trainable_params=trainable, optimizer=optimizer,
+        packing=packing, peak_memory_mb=peak_memory_mb(device),
     )
