@@ -6,6 +6,10 @@ prompts, so the effect of fine-tuning is visible in numbers (format compliance) 
 
 Deterministic (seeded); rerun with `python recipes/data/make_quickstart_data.py` to regenerate.
 Held-out questions use numbers, countries and words that never appear in the training file.
+
+quickstart_prefs.jsonl holds preference pairs for the DPO recipe: new questions from the training
+distribution; chosen = the correct, terse JSON answer; rejected = the same JSON with a wrong value or a
+wordy value ("The answer is 62."). None of its prompts is a held-out prompt.
 """
 
 import json
@@ -91,13 +95,37 @@ def unique(rows):
     return out
 
 
+def wrong(rng: random.Random, value: str) -> str:
+    """A plausible wrong or wordy answer in the same JSON format."""
+    if rng.random() < 0.5:
+        return f"The answer is {value}."
+    if value.isdigit():
+        return str(int(value) + rng.choice([-11, -10, -2, -1, 1, 2, 10, 11]))
+    pool = [c for _, c in CAPITALS] + [o for _, o in OPPOSITES]
+    return rng.choice([x for x in pool if x != value])
+
+
+def preferences(rng: random.Random, exclude: set[str], n: int) -> list[dict]:
+    rows = []
+    for r in unique(make(rng, range(10, 60), CAPITALS, OPPOSITES, WORDS, 4 * n)):
+        q, chosen = r["messages"][0]["content"], r["messages"][1]["content"]
+        if q in exclude:
+            continue
+        obj = json.loads(chosen)
+        rejected = answer(obj["category"], wrong(rng, obj["answer"]))
+        rows.append({"prompt": q, "chosen": chosen, "rejected": rejected})
+    return rows[:n]
+
+
 def main() -> None:
     rng = random.Random(1234)
     train = unique(make(rng, range(10, 60), CAPITALS, OPPOSITES, WORDS, 700))[:400]
     heldout = unique(make(rng, range(61, 99), HELDOUT_CAPITALS, HELDOUT_OPPOSITES, HELDOUT_WORDS, 200))
     train_prompts = {r["messages"][0]["content"] for r in train}
     heldout = [r for r in heldout if r["messages"][0]["content"] not in train_prompts][:24]
-    for name, rows in (("quickstart.jsonl", train), ("quickstart_heldout.jsonl", heldout)):
+    prefs = preferences(random.Random(99), {r["messages"][0]["content"] for r in heldout}, 160)
+    for name, rows in (("quickstart.jsonl", train), ("quickstart_heldout.jsonl", heldout),
+                       ("quickstart_prefs.jsonl", prefs)):
         with open(HERE / name, "w") as f:
             for r in rows:
                 f.write(json.dumps(r) + "\n")

@@ -61,11 +61,13 @@ def write_run_dir(recipe, runner, inputs, config, overrides, started, wall_s, ve
         for name, r in runner.runs.items():
             _link(Path(r.dir), tmp / "stages" / name)
         # artifacts a user reaches for, at the top of the run dir (links into the cache; plots copied)
-        for stage, rel, name in (("train", "loss.png", "loss.png"), ("bench", "latency_cdf.png", "latency_cdf.png")):
+        for stage, rel, name in (("train", "loss.png", "loss.png"), ("dpo", "dpo.png", "dpo.png"),
+                                 ("bench", "latency_cdf.png", "latency_cdf.png")):
             if stage in runner.runs and (Path(runner.runs[stage].dir) / rel).exists():
                 shutil.copy(Path(runner.runs[stage].dir) / rel, tmp / name)
-        if "train" in runner.runs:
-            _link(runner.path("train", "adapter"), tmp / "adapter")
+        final_adapter = next((s for s in ("dpo", "train") if s in runner.runs), None)
+        if final_adapter:
+            _link(runner.path(final_adapter, "adapter"), tmp / "adapter")
         if "merge" in runner.runs:
             _link(runner.path("merge", "merged"), tmp / "merged")
         if "export" in runner.runs:
@@ -104,6 +106,9 @@ def headline(name: str, r: dict) -> str:
         return f"{r['train_rows']} train / {r['val_rows']} val / {r['heldout_rows']} held-out rows"
     if name == "train":
         return f"val loss {r['val_loss']:.3f}, {r['steps']} steps"
+    if name == "dpo":
+        return (f"preference acc {100 * r['sft_preference_accuracy']:.0f}% -> {100 * r['dpo_preference_accuracy']:.0f}%, "
+                f"margin {r['sft_logp_margin']:.2f} -> {r['dpo_logp_margin']:.2f}")
     if name == "eval":
         fr = r.get("ft_format_rate")
         fmt = f"format {100 * r['base_format_rate']:.0f}% -> {100 * fr:.0f}%, " if fr is not None else ""

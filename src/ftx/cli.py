@@ -10,7 +10,7 @@ import click
 
 from .errors import FtxError
 
-STAGE_NAMES = ("data", "train", "eval", "merge", "export", "serve", "bench")
+STAGE_NAMES = ("data", "train", "dpo", "eval", "merge", "export", "serve", "bench")
 
 
 def _quiet_env() -> None:
@@ -78,6 +78,7 @@ def _stage_alias(stage: str):
 
 
 cli.command("train")(_stage_alias("train"))
+cli.command("dpo")(_stage_alias("dpo"))
 cli.command("eval")(_stage_alias("eval"))
 
 
@@ -264,6 +265,75 @@ def bench(base_url, model, api_key, prompts, requests, concurrency, max_tokens, 
         r = run(BenchConfig(requests=requests, concurrency=concurrency, max_tokens=max_tokens),
                 base_url, api_key, model, [m[:-1] for m in rows], tmp)
     click.echo(r.model_dump_json(indent=2))
+
+
+@cli.command()
+@click.argument("source")
+@click.argument("overrides", nargs=-1)
+@click.option("--method", type=click.Choice(["full", "lora", "qlora"]), default=None, help="default: the recipe's, else qlora")
+@click.option("--seq-len", type=int, default=None, help="default: the recipe's data.max_seq_len, else 2048")
+@click.option("--batch", "batch_size", type=int, default=None, help="default: the recipe's train.batch_size, else 1")
+@click.option("--lora-r", type=int, default=None)
+@click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=None)
+@click.option("--device", type=click.Choice(["cuda", "cpu"]), default="cuda", show_default=True)
+@click.option("--budget-gb", type=float, default=24.0, show_default=True, help="memory available (RTX 4090: 24)")
+@click.option("--json", "as_json", is_flag=True, help="print the plan as JSON")
+def plan(source, overrides, method, seq_len, batch_size, lora_r, gradient_checkpointing, device, budget_gb, as_json):
+    """Estimate peak training memory for SOURCE (a recipe .yaml, a known model name or a model dir) and say
+    whether it fits the budget. Formulas: docs/memory_planner.md."""
+    from rich.table import Table
+
+    from .plan import PlanConfig, plan as make_plan
+
+    cfg: dict = {}
+    if source.endswith((".yaml", ".yml")):
+        from .recipe import load
+
+        r = load(Path(source), overrides)
+        targets = r.train.lora.target_modules
+        cfg = {"model": r.base_model, "method": r.train.method, "seq_len": r.data.max_seq_len,
+               "batch_size": r.train.batch_size, "lora_r": r.train.lora.r,
+               "gradient_checkpointing": r.train.gradient_checkpointing,
+               "target_modules": targets if isinstance(targets, str) else "all-linear",
+               "optimizer": "adamw_8bit" if r.train.optimizer in ("adamw_8bit", "paged_adamw_8bit") or (
+                   r.train.optimizer == "auto" and r.train.method == "qlora" and device == "cuda") else "adamw"}
+        if cfg["model"] not in _known_models():
+            from .basemodel import PACKAGED
+
+            if cfg["model"] in PACKAGED:
+                from .basemodel import resolve
+
+                cfg["model"] = str(resolve(cfg["model"]))
+    else:
+        cfg["model"] = source
+    given = {"method": method, "seq_len": seq_len, "batch_size": batch_size, "lora_r": lora_r,
+             "gradient_checkpointing": gradient_checkpointing}
+    cfg.update({k: v for k, v in given.items() if v is not None})
+    p = make_plan(PlanConfig(**cfg, device=device, budget_gb=budget_gb))
+    if as_json:
+        click.echo(p.model_dump_json(indent=2))
+    else:
+        c = p.config
+        click.echo(f"{source}: {c.method}, seq {c.seq_len} x batch {c.batch_size}, LoRA r {c.lora_r}, {c.device}"
+                   f"{', gradient checkpointing' if c.gradient_checkpointing else ''}")
+        table = Table()
+        table.add_column("term")
+        table.add_column("MiB", justify="right")
+        for k, v in p.terms_mb.items():
+            table.add_row(k, f"{v:,.0f}")
+        table.add_row("[bold]total", f"[bold]{p.total_mb:,.0f}")
+        table.add_row("budget", f"{p.budget_mb:,.0f}")
+        _console().print(table)
+        verdict = "fits" if p.fits else "does NOT fit"
+        click.echo(f"{p.params / 1e9:.2f}B params, {p.trainable_params / 1e6:.1f}M trainable; "
+                   f"{p.total_mb / 1024:.1f} GiB {verdict} in {budget_gb:g} GiB; largest batch that fits: {p.max_batch_size}")
+    sys.exit(0 if p.fits else 1)
+
+
+def _known_models():
+    from .plan import KNOWN
+
+    return KNOWN
 
 
 @cli.command()

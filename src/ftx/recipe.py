@@ -28,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from . import __version__
 from .bench import BenchConfig
 from .data import DataConfig
+from .dpo import DpoConfig
 from .errors import FtxError
 from .eval import EvalConfig
 from .export import ExportConfig
@@ -36,7 +37,7 @@ from .serve import ServeConfig
 from .train import TrainConfig
 from .util import atomic_dir, read_json, sha256_file, sha256_tree, stable_hash, track_usage, write_json
 
-STAGES = ("data", "train", "eval", "merge", "export", "serve", "bench")
+STAGES = ("data", "train", "dpo", "eval", "merge", "export", "serve", "bench")
 PACKAGES = ("torch", "transformers", "peft", "trl", "accelerate", "llama_cpp_python", "gguf", "openai",
             "numpy", "pydantic")
 
@@ -48,6 +49,7 @@ class Recipe(BaseModel):
     output_dir: Path = Path("runs")
     data: DataConfig
     train: TrainConfig = TrainConfig()
+    dpo: DpoConfig | None = Field(None, description="preference tuning after SFT (trl DPOTrainer); off when absent")
     eval: EvalConfig = EvalConfig()
     merge: MergeConfig = MergeConfig()
     export: ExportConfig = ExportConfig()
@@ -132,16 +134,19 @@ def load(path: Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
         raise FtxError(f"{field}: {msg}", where=f"{path}:{line}" if line else str(path)) from None
     # data files are relative to the recipe file
     base = path.parent
-    for key in ("path", "heldout"):
-        value = getattr(recipe.data, key)
-        if value is None:
-            continue
-        full = value if value.is_absolute() else (base / value).resolve()
-        if not full.is_file():
-            where = overridden.get(("data", key))
-            where = f"override {where!r}" if where else f"{path}:{lines.get(('data', key), '?')}"
-            raise FtxError(f"data.{key}: file not found: {full}", where=where)
-        setattr(recipe.data, key, full)
+    sections = [(("data",), recipe.data)] + ([(("dpo", "data"), recipe.dpo.data)] if recipe.dpo else [])
+    for section, cfg in sections:
+        for key in ("path", "heldout"):
+            value = getattr(cfg, key)
+            if value is None:
+                continue
+            full = value if value.is_absolute() else (base / value).resolve()
+            if not full.is_file():
+                loc = (*section, key)
+                where = overridden.get(loc)
+                where = f"override {where!r}" if where else f"{path}:{lines.get(loc, '?')}"
+                raise FtxError(f"{'.'.join(loc)}: file not found: {full}", where=where)
+            setattr(cfg, key, full)
     return recipe
 
 
@@ -240,7 +245,7 @@ def run(recipe_path: Path, overrides: tuple[str, ...] = (), force: tuple[str, ..
     """Run a recipe; returns the run directory."""
     from rich.console import Console
 
-    from . import basemodel, bench, data, eval, export, merge, serve, train
+    from . import basemodel, bench, data, dpo, eval, export, merge, serve, train
 
     console = console or Console()
     for s in (*force, until):
@@ -265,6 +270,8 @@ def run(recipe_path: Path, overrides: tuple[str, ...] = (), force: tuple[str, ..
 
     k = {}
     k["data"] = runner.key("data", data_cfg, [])
+    if recipe.dpo:
+        inputs["dpo_data"] = {"path": str(recipe.dpo.data.path), "sha256": sha256_file(recipe.dpo.data.path)}
     if runner.cached("data", k["data"]) is None:
         prepared = data.prepare(recipe.data)  # bad data fails before anything is printed or written
     runner.run("data", k["data"], lambda out: data.write(*prepared, out))
@@ -284,11 +291,21 @@ def run(recipe_path: Path, overrides: tuple[str, ...] = (), force: tuple[str, ..
                                                               log_root=out_root, run_name=f"{recipe.name}/{k['train']}"))
         shutil.rmtree(ckpt, ignore_errors=True)
         adapter = runner.path("train", runner.runs["train"].result["adapter_dir"])
+        k["adapter"] = k["train"]  # the stage whose adapter downstream stages use
+    if recipe.dpo and stop_at >= STAGES.index("dpo"):
+        dpo_cfg = {**recipe.dpo.model_dump(mode="json"), "data": {**recipe.dpo.data.model_dump(mode="json"),
+                                                                   "path": inputs["dpo_data"]["sha256"], "heldout": None}}
+        k["dpo"] = runner.key("dpo", dpo_cfg, [k["train"]])
+        if runner.cached("dpo", k["dpo"]) is None:
+            pairs, _ = data.prepare(recipe.dpo.data)
+        runner.run("dpo", k["dpo"], lambda out: dpo.run(recipe.dpo, base_dir, adapter, pairs, msl, out, recipe.train.method))
+        adapter = runner.path("dpo", runner.runs["dpo"].result["adapter_dir"])
+        k["adapter"] = k["dpo"]
     if stop_at >= STAGES.index("eval"):
-        k["eval"] = runner.key("eval", recipe.eval.model_dump(mode="json"), [k["train"]])
+        k["eval"] = runner.key("eval", recipe.eval.model_dump(mode="json"), [k["adapter"]])
         runner.run("eval", k["eval"], lambda out: eval.run(recipe.eval, base_dir, adapter, val_file, heldout_file, msl))
     if stop_at >= STAGES.index("merge"):
-        k["merge"] = runner.key("merge", recipe.merge.model_dump(mode="json"), [k["train"]])
+        k["merge"] = runner.key("merge", recipe.merge.model_dump(mode="json"), [k["adapter"]])
         runner.run("merge", k["merge"], lambda out: merge.run(recipe.merge, base_dir, adapter, val_file, out))
         merged = runner.path("merge", runner.runs["merge"].result["merged_dir"])
     if stop_at >= STAGES.index("export"):

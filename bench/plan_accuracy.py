@@ -1,0 +1,55 @@
+"""Memory planner accuracy: `ftx plan`'s estimate against the peak RSS of real training steps on this CPU.
+
+Each configuration runs 2 training steps (forward, backward, AdamW) of SmolLM2-135M on rows of exactly
+seq_len tokens in a fresh process (ftx.plan.measure) and compares peak RSS with the planner's estimate.
+Prints a table and writes bench/results/plan_accuracy.json; headline `ratio` = the worst |estimate/measured - 1|
+(target <= 0.25).
+
+    .venv/bin/python bench/plan_accuracy.py
+"""
+
+import os
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+CONFIGS = [  # method, seq_len, batch, gradient checkpointing
+    ("lora", 128, 8, False), ("lora", 256, 4, False), ("lora", 512, 8, False), ("lora", 512, 8, True),
+    ("qlora", 512, 4, False), ("full", 256, 4, False),
+]
+
+
+def main() -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from ftx import basemodel, plan
+    from ftx.util import write_json
+
+    base = basemodel.resolve("smollm2-135m-instruct")
+    rows = []
+    for method, seq, batch, gc in CONFIGS:
+        m = plan.measure(base, method, seq, batch, lora_r=8, gradient_checkpointing=gc)
+        p = plan.plan(plan.PlanConfig(model=str(base), method=method, seq_len=seq, batch_size=batch, lora_r=8,
+                                      gradient_checkpointing=gc, device="cpu"))
+        rows.append({"method": method, "seq_len": seq, "batch": batch, "gradient_checkpointing": gc,
+                     "measured_mb": m["peak_rss_mb"], "baseline_mb": m["baseline_rss_mb"], "estimate_mb": p.total_mb,
+                     "terms_mb": p.terms_mb, "rel_error": p.total_mb / m["peak_rss_mb"] - 1})
+    worst = max(abs(r["rel_error"]) for r in rows)
+    table = Table(title="ftx plan vs measured peak RSS (SmolLM2-135M, fp32, CPU, LoRA r=8)")
+    for col in ("method", "seq x batch", "grad ckpt", "measured MB", "estimate MB", "error"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["method"], f"{r['seq_len']} x {r['batch']}", "yes" if r["gradient_checkpointing"] else "no",
+                      f"{r['measured_mb']:.0f}", f"{r['estimate_mb']:.0f}", f"{100 * r['rel_error']:+.1f}%")
+    table.add_row("worst |error| (headline)", "", "", "", "", f"{100 * worst:.1f}%")
+    Console().print(table)
+    dst = ROOT / "bench" / "results" / "plan_accuracy.json"
+    write_json(dst, {"ratio": worst, "target": 0.25, "rows": rows})
+    print(f"wrote {dst}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,46 @@
+"""Memory planner: parameter counts are exact, the terms behave, and on this CPU the estimate is within 25%
+of the peak RSS measured while really training SmolLM2 (forward, backward and AdamW steps)."""
+
+import pytest
+
+from ftx import basemodel, plan
+
+
+@pytest.fixture(scope="module")
+def smol():
+    return str(basemodel.resolve("smollm2-135m-instruct"))
+
+
+def test_parameter_counts_match_the_real_models(smol):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(smol, dtype=torch.float32)
+    assert plan.arch_of(smol).params()["total"] == sum(p.numel() for p in model.parameters())
+    assert plan.arch_of("smollm2-135m-instruct") == plan.arch_of(smol)
+    # published sizes: Llama-3.1-8B 8.03B, Qwen2.5-7B 7.62B, Mistral-7B 7.25B
+    for name, published in (("meta-llama/Llama-3.1-8B-Instruct", 8.03e9), ("Qwen/Qwen2.5-7B-Instruct", 7.62e9),
+                            ("mistralai/Mistral-7B-Instruct-v0.3", 7.25e9)):
+        assert plan.arch_of(name).params()["total"] == pytest.approx(published, rel=0.01), name
+
+
+def test_terms_move_the_right_way():
+    base = dict(model="meta-llama/Llama-3.1-8B-Instruct", seq_len=2048, batch_size=1)
+    q = plan.plan(plan.PlanConfig(**base, method="qlora", gradient_checkpointing=True))
+    lo = plan.plan(plan.PlanConfig(**base, method="lora", gradient_checkpointing=True))
+    full = plan.plan(plan.PlanConfig(**base, method="full", gradient_checkpointing=True))
+    nogc = plan.plan(plan.PlanConfig(**base, method="qlora"))
+    assert q.terms_mb["weights"] < lo.terms_mb["weights"] / 2.5  # 4.1 bits vs 16 on the linear layers
+    assert q.fits and not full.fits and full.max_batch_size == 0  # 8B QLoRA fits a 24 GB card, full FT does not
+    assert nogc.terms_mb["activations"] > 5 * q.terms_mb["activations"]
+    assert q.max_batch_size >= nogc.max_batch_size >= 1
+    assert q.trainable_params == 32 * 16 * sum(i + o for i, o in plan.arch_of(base["model"]).linear_shapes().values())
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("method,seq_len,batch", [("lora", 256, 4), ("qlora", 256, 4)])
+def test_estimate_within_25_percent_of_measured_peak_rss(smol, method, seq_len, batch):
+    measured = plan.measure(smol, method, seq_len, batch, lora_r=8)["peak_rss_mb"]
+    est = plan.plan(plan.PlanConfig(model=smol, method=method, seq_len=seq_len, batch_size=batch, lora_r=8,
+                                    device="cpu")).total_mb
+    assert abs(est / measured - 1) <= 0.25, (est, measured)
