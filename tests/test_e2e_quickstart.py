@@ -233,6 +233,8 @@ def test_changing_a_train_setting_reruns_train_not_data(run1):
 
 
 def test_qlora_trains_a_standard_peft_adapter(run1, hf):
+    """QLoRA, with the other training options switched on in the same short run: packing, the attention-only
+    preset, gradient checkpointing, TensorBoard and MLflow logging."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -244,10 +246,29 @@ def test_qlora_trains_a_standard_peft_adapter(run1, hf):
     assert any(type(m).__name__ == "Linear4bit" for m in nf4.modules())  # really 4-bit weights
     del nf4
     run_dir, manifest = ftx_run(run1["out"], "train.method=qlora", "train.max_steps=3", "train.eval_every=3",
+                                "train.packing=true", "train.lora.target_modules=attention",
+                                "train.gradient_checkpointing=true", "train.report_to=[tensorboard,mlflow]",
                                 "--until", "train")
     assert manifest["stages"]["data"]["cached"] and not manifest["stages"]["train"]["cached"]
     card = json.loads((run_dir / "run_card.json").read_text())
-    assert card["train"]["val_loss"] < run1["card"]["eval"]["base_val_loss"]
+    tr = card["train"]
+    assert tr["val_loss"] < run1["card"]["eval"]["base_val_loss"]
+    assert tr["packing"] and tr["target_modules"] == ["k_proj", "o_proj", "q_proj", "v_proj"]
+    assert sorted(json.loads((run_dir / "adapter" / "adapter_config.json").read_text())["target_modules"]) == tr["target_modules"]
+    assert run1["card"]["train"]["packing"] is False  # auto on CPU: padded (SDPA has no varlen kernel)
+    rows = [json.loads(line) for line in open(run_dir / "stages" / "train" / "metrics.jsonl")]
+    assert all(r["peak_memory_mb"] > 100 for r in rows) and any("grad_norm" in r for r in rows)
+    # TensorBoard event file and MLflow file store, both holding the training loss
+    key = manifest["stages"]["train"]["key"]
+    events = list((run1["out"] / "tensorboard" / "quickstart" / key).glob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(events[0].parent))
+    acc.Reload()
+    assert "train/loss" in acc.Tags()["scalars"] and len(acc.Scalars("train/loss")) == 3
+    mlflow_loss = list((run1["out"] / "mlruns").glob("*/*/metrics/loss"))
+    assert len(mlflow_loss) == 1 and len(mlflow_loss[0].read_text().splitlines()) == 3
     # the adapter is plain peft format: it loads onto the full-precision base and changes its logits
     tok = hf[0]
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
@@ -295,3 +316,48 @@ def test_early_stopping_keeps_the_best_checkpoint(run1):
     best = min((s for s in vals if s > 0), key=vals.get)
     assert res["stopped_early"] and res["steps"] < 6, res
     assert res["best_step"] == best and res["val_loss"] == pytest.approx(vals[best])
+
+
+def test_dpo_after_sft_widens_the_preference_margin(run1, hf):
+    """DPO continues the SFT adapter (reference: the SFT model). Checked independently: the chosen-minus-rejected
+    log-probability margin on the held-out pairs, recomputed here with HF+peft, grows, and matches the stage's."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from ftx.data import read_examples
+    from ftx.dpo import preference_margins
+
+    prefs = Path(RECIPE).parent / "data" / "quickstart_prefs.jsonl"
+    run_dir, manifest = ftx_run(run1["out"], f"dpo.data.path={prefs}", "dpo.max_steps=6", "dpo.eval_every=3",
+                                "dpo.learning_rate=2e-4", "--until", "dpo")
+    assert manifest["stages"]["train"]["cached"] and not manifest["stages"]["dpo"]["cached"]
+    assert manifest["inputs"]["dpo_data"]["sha256"]
+    d = json.loads((run_dir / "run_card.json").read_text())["dpo"]
+    assert d["steps"] == 6 and d["pairs_val"] >= 10
+    assert d["dpo_logp_margin"] > d["sft_logp_margin"] + 0.5
+    assert d["dpo_preference_accuracy"] >= d["sft_preference_accuracy"]
+    assert (run_dir / "adapter").resolve().parent.name == manifest["stages"]["dpo"]["key"]  # the run's adapter is DPO's
+    assert not (run_dir / "adapter" / "ref").exists()  # trl's frozen reference copy is not shipped
+    pairs = read_examples(run_dir / "stages" / "dpo" / "val.jsonl")
+    tok = hf[0]
+    base_dir = manifest["inputs"]["base_model"]["path"]
+
+    def logp(model, prompt, reply):  # written here from the chat template, not with ftx's renderer
+        head = tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        ids = tok(head + reply, add_special_tokens=False)["input_ids"]
+        n = len(tok(head, add_special_tokens=False)["input_ids"])
+        with torch.no_grad():
+            lp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0, :-1], -1)
+        return sum(lp[i - 1, ids[i]].item() for i in range(n, len(ids)))
+
+    mine, ftx_margins = [], []
+    for adapter in (run1["dir"] / "adapter", run_dir / "adapter"):
+        base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+        model = PeftModel.from_pretrained(base, adapter).eval()
+        mine.append(np.mean([logp(model, p["prompt"], p["chosen"]) - logp(model, p["prompt"], p["rejected"]) for p in pairs]))
+        ftx_margins.append(preference_margins(model, tok, pairs, 512)[1])
+    assert mine[1] > mine[0] + 0.5  # DPO widened the margin on pairs it never trained on
+    assert ftx_margins[0] == pytest.approx(d["sft_logp_margin"], abs=1e-2)  # the card reports the saved adapters
+    assert ftx_margins[1] == pytest.approx(d["dpo_logp_margin"], abs=1e-2)
+    assert "## Preference tuning" in (run_dir / "run_card.md").read_text()

@@ -103,3 +103,33 @@ def test_forcing_a_stage_forces_downstream():
 def test_api_key_is_redacted_from_manifest_config():
     r = R.load(RECIPE, ["serve.api_key=s3cret"])
     assert R.redacted(r)["serve"]["api_key"] == "***"
+
+
+@pytest.mark.parametrize("path", sorted((RECIPE.parent).glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_recipe_validates(path):
+    r = R.load(path)
+    assert r.data.path.is_file()
+    if r.dpo:
+        assert r.dpo.data.path.is_file() and r.dpo.data.format == "preference"
+
+
+def test_gpu_recipe_is_planned_to_fit_a_24gb_card():
+    from ftx.plan import PlanConfig, plan
+
+    r = R.load(RECIPE.parent / "llama3.1-8b-qlora.yaml")
+    p = plan(PlanConfig(model=r.base_model, method=r.train.method, seq_len=r.data.max_seq_len,
+                        batch_size=r.train.batch_size, lora_r=r.train.lora.r,
+                        gradient_checkpointing=r.train.gradient_checkpointing, optimizer="adamw_8bit"))
+    assert p.fits and p.total_mb < 24 * 1024
+
+
+def test_missing_dpo_data_file_names_the_key_and_line(recipe_copy):
+    dpo = recipe_copy.parent / "dpo.yaml"
+    dpo.write_text(dpo.read_text().replace("data/quickstart_prefs.jsonl", "data/nope.jsonl"))
+    msg = error_of(dpo)
+    assert f"{dpo}:{line_of(dpo, 'nope.jsonl')}" in msg and "dpo.data.path: file not found" in msg
+
+
+def test_dpo_section_rejects_non_preference_formats(recipe_copy):
+    msg = error_of(recipe_copy.parent / "dpo.yaml", ["dpo.data.format=chat"])
+    assert "dpo.data.format" in msg and "override 'dpo.data.format=chat'" in msg

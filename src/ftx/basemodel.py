@@ -42,6 +42,14 @@ def resolve(base_model: str) -> Path:
     path = Path(base_model).expanduser()
     if (path / "config.json").exists():
         return path
+    if base_model.count("/") == 1 and not path.exists():  # a hub id: only from the local Hugging Face cache
+        try:
+            from huggingface_hub import snapshot_download
+
+            return Path(snapshot_download(base_model, local_files_only=True))
+        except Exception:
+            raise FtxError(f"base_model {base_model!r} is not in the local Hugging Face cache; ftx never downloads "
+                           f"at run time: `hf download {base_model}` first (gated models need `hf auth login`)") from None
     raise FtxError(
         f"base_model {base_model!r} is neither a packaged model ({', '.join(PACKAGED)}) "
         "nor a local directory with config.json"

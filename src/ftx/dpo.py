@@ -173,7 +173,7 @@ def run(cfg: DpoConfig, base_dir: Path, sft_adapter: Path, splits: dict[str, lis
         per_device_eval_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
         learning_rate=cfg.learning_rate, lr_scheduler_type=cfg.scheduler, warmup_steps=cfg.warmup_steps,
         beta=cfg.beta, loss_type=[cfg.loss_type], max_length=max_seq_len, logging_steps=1, eval_strategy="steps",
-        eval_steps=cfg.eval_every, save_strategy="no", report_to=[], seed=cfg.seed, data_seed=cfg.seed,
+        eval_steps=cfg.eval_every, eval_on_start=True, save_strategy="no", report_to=[], seed=cfg.seed, data_seed=cfg.seed,
         use_cpu=device == "cpu", bf16=device == "cuda", dataloader_num_workers=0, disable_tqdm=True, log_level="error",
     )
     trainer = DPOTrainer(model=model, args=args, processing_class=tok, callbacks=[Monitor()],
