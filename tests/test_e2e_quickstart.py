@@ -147,17 +147,61 @@ def test_f16_gguf_agrees_with_hf_and_tokenizers_match(run1, hf, heldout):
 
 
 def test_quantized_files_get_smaller(run1):
-    size = {q: (run1["dir"] / f"model-{q}.gguf").stat().st_size for q in ("f16", "q8_0", "q4_k_m")}
-    assert size["q4_k_m"] < size["q8_0"] < size["f16"], size
+    size = {q: (run1["dir"] / f"model-{q}.gguf").stat().st_size for q in ("f16", "q8_0", "q6_k", "q4_k_m")}
+    assert size["q4_k_m"] < size["q6_k"] < size["q8_0"] < size["f16"], size
     with open(run1["dir"] / "model-q4_k_m.gguf", "rb") as f:
         assert f.read(4) == b"GGUF"
 
 
 def test_modelfile(run1):
     mf = (run1["dir"] / "Modelfile").read_text()
-    assert "FROM ./model-q4_k_m.gguf" in mf and (run1["dir"] / "model-q4_k_m.gguf").exists()
+    selected = run1["card"]["export"]["selected"]
+    assert f"FROM ./model-{selected}.gguf" in mf and (run1["dir"] / f"model-{selected}.gguf").exists()
     assert 'PARAMETER stop "<|im_end|>"' in mf and "PARAMETER num_ctx 512" in mf
     assert "<|im_start|>{{ .Role }}" in mf and "{{ .Content }}<|im_end|>" in mf
+
+
+def test_quality_gate_measures_every_quant_and_serves_the_smallest_passing(run1, heldout, tmp_path):
+    from ftx import data
+    from ftx.export import compare_to_reference, gguf_logits, save_reference
+
+    ex = run1["card"]["export"]
+    ref, quants = ex["files"][0], {f["name"]: f for f in ex["files"][1:]}
+    assert ref["name"] == "f16" and ref["ppl"] > 1 and ref["mean_kld"] is None and ex["eval_tokens"] > 1000
+    for f in quants.values():
+        assert 0 <= f["mean_kld"] <= f["p99_kld"] and 0 < f["same_top"] <= 1 and f["passed"] in (True, False)
+    assert quants["q8_0"]["mean_kld"] < quants["q4_k_m"]["mean_kld"]  # fewer bits, further from f16
+    passing = sorted((f for f in quants.values() if f["passed"]), key=lambda f: f["size_bytes"])
+    assert passing and ex["selected"] == passing[0]["name"]
+    assert run1["card"]["serve"]["gguf"] == f"model-{ex['selected']}.gguf"  # serve.quant: auto
+    # the metrics themselves: f16 against itself is ~0; q4_k_m's KL recomputed here from raw llama.cpp logits
+    tok = __import__("transformers").AutoTokenizer.from_pretrained(run1["dir"] / "merged")
+    seqs = [data.render(tok, m, 512)["input_ids"] for m in heldout[:6]]
+    save_reference(run1["dir"] / "model-f16.gguf", seqs, tmp_path / "ref.npy")
+    ppl = compare_to_reference(run1["dir"] / "model-f16.gguf", seqs, tmp_path / "ref.npy", 1.0)["ppl"]
+    same = compare_to_reference(run1["dir"] / "model-f16.gguf", seqs, tmp_path / "ref.npy", ppl)
+    assert same["mean_kld"] < 1e-3 and same["same_top"] > 0.99 and same["ppl_ratio"] == pytest.approx(1, abs=1e-3)
+    q4 = compare_to_reference(run1["dir"] / "model-q4_k_m.gguf", seqs, tmp_path / "ref.npy", ppl)
+
+    def log_softmax(x):
+        x = x - x.max(-1, keepdims=True)
+        return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+    keep = np.concatenate([np.arange(len(s) - 1) + sum(map(len, seqs[:i])) for i, s in enumerate(seqs)])
+    p = log_softmax(gguf_logits(run1["dir"] / "model-f16.gguf", seqs).astype(np.float64))[keep]
+    q = log_softmax(gguf_logits(run1["dir"] / "model-q4_k_m.gguf", seqs).astype(np.float64))[keep]
+    kl = (np.exp(p) * (p - q)).sum(-1)
+    assert q4["mean_kld"] == pytest.approx(kl.mean(), rel=0.02, abs=2e-4)
+    assert q4["same_top"] == pytest.approx((p.argmax(-1) == q.argmax(-1)).mean(), abs=0.01)
+
+
+def test_quality_gate_that_nothing_passes_fails_the_export_cleanly(run1):
+    before = set((run1["out"] / ".cache" / "export").iterdir())
+    proc = subprocess.run(ftx_cmd(run1["out"], "export.quality_gate.max_mean_kld=1e-7", "--until", "export"),
+                          capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 2
+    assert "no quant passes export.quality_gate" in proc.stderr and "q4_k_m: KLD" in proc.stderr
+    assert set((run1["out"] / ".cache" / "export").iterdir()) == before  # no partial or temp dir left behind
 
 
 def free_port():

@@ -116,7 +116,8 @@ def headline(name: str, r: dict) -> str:
     if name == "merge":
         return f"max |logit diff| {r['max_abs_logit_diff']:.1e}"
     if name == "export":
-        return ", ".join(f"{f['name']} {f['size_bytes'] / 1e6:.0f}MB" for f in r["files"])
+        return ", ".join(f"{f['name']} {f['size_bytes'] / 1e6:.0f}MB" + ("*" if f["name"] == r.get("selected") else "")
+                         for f in r["files"]) + " (* gate pick)"
     if name == "serve":
         return f"ready in {r['startup_s']:.1f}s" + (f", format {100 * r['format_rate']:.0f}%" if r["format_rate"] is not None else "")
     if name == "bench":

@@ -1,14 +1,23 @@
-"""Export stage: merged HF model -> f16 GGUF (llama.cpp's converter) -> quantized GGUFs (llama.cpp's quantizer),
-a top-1 agreement check of every GGUF against the HF model, and an Ollama Modelfile.
+"""Export stage: merged HF model -> f16 GGUF (llama.cpp's converter) -> a ladder of quantized GGUFs
+(llama-quantize, optionally with an importance matrix from llama-imatrix), a quality gate, an Ollama Modelfile.
 
-Nothing is compiled here: the converter and gguf-py come from the llama-cpp-python sdist and quantization
-goes through the installed llama_cpp bindings (see ftx.llamacpp).
+Quality gate: on the recipe's held-out conversations (+ validation rows), rendered with the model's chat
+template, each quant is compared with the f16 reference through llama.cpp itself (the bindings, all logits
+kept): PPL ratio, mean and P99 KL divergence and same-top-token rate, defined as `llama-perplexity
+--kl-divergence` defines them. Not llama-perplexity itself: it tokenizes its input without special tokens (chat
+markers would be scored as text) and in KL mode takes PPL(base) from uint16-compressed log-probs, which on
+this low-perplexity text reported Q8_0 at PPL ratio 1.197 where the two PPLs differ by 0.7%. The recipe sets budgets; the smallest quant within them is selected
+(served, and named in the Modelfile); the stage fails when none is. Each GGUF's top-1 agreement with the HF
+model on validation tokens is checked too (the f16 file must reach export.min_top1_agreement).
+
+Nothing is compiled here: converter, gguf-py and tools come from the llama-cpp-python sdist (ftx.llamacpp).
 """
 
 from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,18 +26,31 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .errors import FtxError
 
-# llama.cpp ftype ids (llama.h: enum llama_ftype)
-QUANT_FTYPES = {"q8_0": 7, "q6_k": 18, "q5_k_m": 17, "q4_k_m": 15, "q4_0": 2}
+# llama-quantize type names, largest first (llama.h: enum llama_ftype)
+QUANT_FTYPES = {"q8_0": "Q8_0", "q6_k": "Q6_K", "q5_k_m": "Q5_K_M", "q4_k_m": "Q4_K_M", "q4_0": "Q4_0"}
 MODELFILE_DIR = Path(__file__).resolve().parents[2] / "modelfiles"
+
+
+class QualityGate(BaseModel):
+    """Budgets against the f16 GGUF. Defaults from llama.cpp's LLaMA-3-8B scoreboard
+    (tools/perplexity/README.md, wikitext-2): Q4_K_M has mean KLD 0.031 and PPL ratio 1.028, Q4_0 0.072 and
+    1.075, Q5_K_M 0.011 and 1.011. The defaults (0.05, 1.05) accept Q4_K_M-class quality and reject Q4_0-class."""
+    model_config = ConfigDict(extra="forbid")
+    max_mean_kld: float | None = Field(0.05, gt=0)
+    max_ppl_ratio: float | None = Field(1.05, gt=1)
+    max_p99_kld: float | None = Field(None, gt=0)
+    min_same_top: float | None = Field(None, gt=0, le=1, description="share of tokens with the same top-1 as f16")
 
 
 class ExportConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     outtype: str = Field("f16", pattern="^(f16|f32|bf16)$")
-    quants: list[str] = Field(default_factory=lambda: ["q8_0", "q4_k_m"])
+    quants: list[str] = Field(default_factory=lambda: ["q8_0", "q6_k", "q5_k_m", "q4_k_m"])
+    quality_gate: QualityGate | None = Field(default_factory=QualityGate, description="null: keep every quant")
+    imatrix: bool = Field(False, description="importance matrix from the evaluation text (llama-imatrix) for the quants")
     min_top1_agreement: float = Field(0.99, ge=0, le=1, description="f16 GGUF vs HF, on validation tokens")
     check_tokens: int = Field(512, ge=16)
-    modelfile_quant: str = "q4_k_m"
+    modelfile_quant: str = Field("auto", description="auto: the quant the gate selected")
 
     @field_validator("quants")
     @classmethod
@@ -43,11 +65,21 @@ class GgufFile(BaseModel):
     name: str
     file: str
     size_bytes: int
-    top1_agreement: float
+    top1_agreement: float = Field(description="vs the HF model on validation tokens")
+    ppl: float | None = None
+    ppl_ratio: float | None = Field(None, description="PPL(quant) / PPL(f16) on the evaluation text")
+    mean_kld: float | None = None
+    p99_kld: float | None = None
+    same_top: float | None = Field(None, description="tokens whose top-1 equals the f16 model's")
+    passed: bool | None = Field(None, description="within the quality gate (None: reference or no gate)")
 
 
 class ExportResult(BaseModel):
     files: list[GgufFile]
+    selected: str = Field(description="the smallest quant within the gate (the smallest quant without a gate)")
+    gate: QualityGate | None = None
+    eval_tokens: int = 0
+    imatrix: str | None = None
     modelfile: str | None
     modelfile_note: str | None = None
 
@@ -63,34 +95,113 @@ def convert_hf(model_dir: Path, dst: Path, outtype: str, name: str) -> None:
         raise FtxError(f"convert_hf_to_gguf failed for {model_dir}: {tail[0]}")
 
 
-def quantize(src: Path, dst: Path, quant: str) -> None:
-    import llama_cpp
+def _tool(name: str, args: list, log: Path) -> str:
+    """Run a llama.cpp tool; its output goes to `log` (appended) and is returned; failure -> one-line error."""
+    from . import llamacpp
 
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = QUANT_FTYPES[quant]
-    params.nthread = os.cpu_count() or 1
-    from .util import redirect_fds
+    proc = subprocess.run([str(llamacpp.tool(name)), *map(str, args)], capture_output=True, text=True)
+    text = proc.stdout + proc.stderr
+    with open(log, "a") as f:
+        f.write(f"$ {name} {' '.join(map(str, args))}\n{text}\n")
+    if proc.returncode != 0:
+        last = [ln for ln in text.strip().splitlines() if ln.strip()][-1:] or ["no output"]
+        raise FtxError(f"{name} failed (exit {proc.returncode}): {last[0]} (full log: {log})")
+    return text
 
-    with redirect_fds(dst.parent / "quantize.log"):
-        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
-    if rc != 0 or not dst.exists():
-        raise FtxError(f"llama_model_quantize {quant} failed for {src} (rc={rc})")
+
+def quantize(src: Path, dst: Path, quant: str, imatrix: Path | None = None) -> None:
+    extra = ["--imatrix", imatrix] if imatrix else []
+    _tool("llama-quantize", [*extra, src, dst, QUANT_FTYPES[quant], os.cpu_count() or 1], dst.parent / "tools.log")
+    if not dst.exists():
+        raise FtxError(f"llama-quantize {quant} wrote nothing for {src}")
 
 
-def gguf_logits(path: Path, seqs: list[list[int]]):
-    """llama.cpp logits at every position of every sequence, concatenated: [total_tokens, vocab]."""
+def _log_softmax(x):
+    import numpy as np
+
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def gguf_scores(path: Path, seqs: list[list[int]]):
+    """Yield (logits [n, vocab] fp32, token ids) per sequence, from llama.cpp with every position's logits kept."""
     import numpy as np
     from llama_cpp import Llama
 
     n_ctx = max(map(len, seqs)) + 8
     llm = Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, logits_all=True, verbose=False)
-    out = []
-    for ids in seqs:
-        llm.reset()
-        llm.eval(ids)
-        out.append(np.array(llm.scores[: len(ids)], dtype=np.float32))
-    del llm
-    return np.concatenate(out)
+    try:
+        for ids in seqs:
+            llm.reset()
+            llm.eval(ids)
+            yield np.array(llm.scores[: len(ids)], dtype=np.float32), ids
+    finally:
+        del llm
+
+
+def gguf_logprobs(path: Path, seqs: list[list[int]]):
+    for logits, ids in gguf_scores(path, seqs):
+        yield _log_softmax(logits), ids
+
+
+def save_reference(path: Path, seqs: list[list[int]], dst: Path) -> float:
+    """Reference pass: log-probabilities at every position (fp16 on disk); returns the reference PPL."""
+    import numpy as np
+
+    store = None
+    at, nll, n = 0, 0.0, 0
+    for lp, ids in gguf_logprobs(path, seqs):
+        if store is None:
+            store = np.lib.format.open_memmap(dst, mode="w+", dtype=np.float16,
+                                              shape=(sum(map(len, seqs)), lp.shape[1]))
+        store[at:at + len(ids)] = lp
+        nll -= float(lp[np.arange(len(ids) - 1), ids[1:]].sum())
+        n, at = n + len(ids) - 1, at + len(ids)
+    store.flush()
+    return float(np.exp(nll / n))
+
+
+def compare_to_reference(path: Path, seqs: list[list[int]], ref: Path, ref_ppl: float) -> dict[str, float]:
+    """llama.cpp's quantization metrics (as `llama-perplexity --kl-divergence` defines them), on the exact token
+    ids: KL(P_ref || P_quant) at every predicted position (mean, P99), same top-1 token, PPL(quant)/PPL(ref)."""
+    import numpy as np
+
+    store = np.load(ref, mmap_mode="r")
+    at, nll, klds, same = 0, 0.0, [], 0
+    for lp, ids in gguf_logprobs(path, seqs):
+        n = len(ids) - 1  # positions that predict a next token
+        rp = np.asarray(store[at:at + n], dtype=np.float32)
+        q = lp[:n]
+        klds.append((np.exp(rp) * (rp - q)).sum(-1))
+        same += int((rp.argmax(-1) == q.argmax(-1)).sum())
+        nll -= float(q[np.arange(n), ids[1:]].sum())
+        at += len(ids)
+    kld = np.concatenate(klds)
+    ppl = float(np.exp(nll / len(kld)))
+    return {"ppl": ppl, "ppl_ratio": ppl / ref_ppl, "mean_kld": float(kld.mean()),
+            "p99_kld": float(np.percentile(kld, 99)), "same_top": same / len(kld)}
+
+
+def within(f: GgufFile, gate: QualityGate) -> bool:
+    checks = [(gate.max_mean_kld, f.mean_kld, "<="), (gate.max_ppl_ratio, f.ppl_ratio, "<="),
+              (gate.max_p99_kld, f.p99_kld, "<="), (gate.min_same_top, f.same_top, ">=")]
+    return all(limit is None or (v <= limit if op == "<=" else v >= limit) for limit, v, op in checks)
+
+
+def eval_sequences(tok, files: list[Path | None]) -> list[list[int]]:
+    """Token ids of the held-out and validation conversations, rendered with the model's own chat template
+    (special tokens as the model sees them) - what the quality gate scores."""
+    from .data import read_examples, render_example
+
+    return [render_example(tok, ex, 4096)["input_ids"] for f in files if f for ex in read_examples(f)
+            if "messages" in ex or "text" in ex]
+
+
+def gguf_logits(path: Path, seqs: list[list[int]]):
+    """llama.cpp logits at every position of every sequence, concatenated: [total_tokens, vocab]."""
+    import numpy as np
+
+    return np.concatenate([logits for logits, _ in gguf_scores(path, seqs)])
 
 
 def chat_family(chat_template: str | None) -> str | None:
@@ -124,7 +235,8 @@ def write_modelfile(tok, gguf_name: str, name: str, num_ctx: int, dst: Path) -> 
     return dst.name, None
 
 
-def run(cfg: ExportConfig, merged_dir: Path, val_file: Path, name: str, num_ctx: int, out: Path) -> ExportResult:
+def run(cfg: ExportConfig, merged_dir: Path, val_file: Path, name: str, num_ctx: int, out: Path,
+        heldout_file: Path | None = None) -> ExportResult:
     from rich.progress import Progress
 
     from .eval import check_sequences, compare_logits, token_logits
@@ -134,26 +246,60 @@ def run(cfg: ExportConfig, merged_dir: Path, val_file: Path, name: str, num_ctx:
     seqs = check_sequences(tok, val_file, cfg.check_tokens)
     ref = token_logits(model, seqs).numpy()
     del model
-    files = []
-    steps = [(cfg.outtype, None)] + [(q, cfg.outtype) for q in cfg.quants]
+    eval_seqs = eval_sequences(tok, [heldout_file, val_file])
+    eval_tokens = sum(len(x) - 1 for x in eval_seqs)
+    scratch = out / ".reference"
+    scratch.mkdir()
+    files, imatrix = [], None
     with Progress() as progress:
-        task = progress.add_task("export", total=len(steps) * 2)
-        for kind, src in steps:
-            dst = out / f"model-{kind}.gguf"
-            progress.update(task, description=f"{'convert' if src is None else 'quantize'} {kind}")
-            if src is None:
-                convert_hf(merged_dir, dst, kind, name)
-            else:
-                quantize(out / f"model-{src}.gguf", dst, kind)
+        task = progress.add_task("export", total=2 + 3 * len(cfg.quants) + cfg.imatrix)
+        ref_gguf = out / f"model-{cfg.outtype}.gguf"
+        progress.update(task, description=f"convert {cfg.outtype}")
+        convert_hf(merged_dir, ref_gguf, cfg.outtype, name)
+        progress.advance(task)
+        progress.update(task, description=f"reference log-probs ({eval_tokens} tokens)")
+        ref_ppl = save_reference(ref_gguf, eval_seqs, scratch / "ref.npy")
+        files.append(GgufFile(name=cfg.outtype, file=ref_gguf.name, size_bytes=ref_gguf.stat().st_size,
+                              top1_agreement=compare_logits(gguf_logits(ref_gguf, seqs), ref)["top1_agreement"],
+                              ppl=ref_ppl))
+        progress.advance(task)
+        if files[0].top1_agreement < cfg.min_top1_agreement:
+            raise FtxError(f"{files[0].file} agrees with the HF model on only {files[0].top1_agreement:.1%} of "
+                           f"validation tokens (< export.min_top1_agreement {cfg.min_top1_agreement:.0%})")
+        if cfg.imatrix:
+            progress.update(task, description="importance matrix")
+            calib = scratch / "calibration.txt"
+            calib.write_text("\n".join(tok.decode(x) for x in eval_seqs))
+            imatrix = out / "imatrix.gguf"
+            _tool("llama-imatrix", ["-m", ref_gguf, "-f", calib, "-o", imatrix, "-c", 128, "-t", os.cpu_count() or 1],
+                  out / "tools.log")
             progress.advance(task)
-            progress.update(task, description=f"agreement {kind}")
-            cmp = compare_logits(gguf_logits(dst, seqs), ref)
-            files.append(GgufFile(name=kind, file=dst.name, size_bytes=dst.stat().st_size,
-                                  top1_agreement=cmp["top1_agreement"]))
+        for q in cfg.quants:
+            dst = out / f"model-{q}.gguf"
+            progress.update(task, description=f"quantize {q}")
+            quantize(ref_gguf, dst, q, imatrix)
             progress.advance(task)
-    if files[0].top1_agreement < cfg.min_top1_agreement:
-        raise FtxError(f"{files[0].file} agrees with the HF model on only {files[0].top1_agreement:.1%} of "
-                       f"validation tokens (< export.min_top1_agreement {cfg.min_top1_agreement:.0%})")
-    mf_quant = cfg.modelfile_quant if cfg.modelfile_quant in cfg.quants else files[-1].name
+            progress.update(task, description=f"top-1 vs HF {q}")
+            top1 = compare_logits(gguf_logits(dst, seqs), ref)["top1_agreement"]
+            progress.advance(task)
+            progress.update(task, description=f"KL divergence {q}")
+            st = compare_to_reference(dst, eval_seqs, scratch / "ref.npy", ref_ppl)
+            f = GgufFile(name=q, file=dst.name, size_bytes=dst.stat().st_size, top1_agreement=top1, **st)
+            f.passed = within(f, cfg.quality_gate) if cfg.quality_gate else None
+            files.append(f)
+            progress.advance(task)
+    shutil.rmtree(scratch)
+    quants = sorted(files[1:], key=lambda f: f.size_bytes)
+    ok = [f for f in quants if f.passed is not False]
+    if quants and not ok:
+        table = "; ".join(f"{f.name}: KLD {f.mean_kld:.4f}, PPL ratio {f.ppl_ratio:.3f}, P99 KLD {f.p99_kld:.3f}, "
+                          f"same top {f.same_top:.1%}" for f in quants)
+        raise FtxError(f"no quant passes export.quality_gate ({cfg.quality_gate.model_dump(exclude_none=True)}): "
+                       f"{table}; relax the budgets or add larger quants")
+    selected = ok[0].name if ok else cfg.outtype
+    mf_quant = selected if cfg.modelfile_quant == "auto" else cfg.modelfile_quant
+    if mf_quant not in [f.name for f in files]:
+        raise FtxError(f"export.modelfile_quant {mf_quant!r} is not among the exported files")
     modelfile, note = write_modelfile(tok, f"model-{mf_quant}.gguf", name, num_ctx, out / "Modelfile")
-    return ExportResult(files=files, modelfile=modelfile, modelfile_note=note)
+    return ExportResult(files=files, selected=selected, gate=cfg.quality_gate, eval_tokens=eval_tokens,
+                        imatrix=imatrix.name if imatrix else None, modelfile=modelfile, modelfile_note=note)

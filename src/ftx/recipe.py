@@ -311,12 +311,15 @@ def run(recipe_path: Path, overrides: tuple[str, ...] = (), force: tuple[str, ..
     if stop_at >= STAGES.index("export"):
         export_cfg = {**recipe.export.model_dump(mode="json"), "name": recipe.name, "num_ctx": msl}
         k["export"] = runner.key("export", export_cfg, [k["merge"]])
-        runner.run("export", k["export"], lambda out: export.run(recipe.export, merged, val_file, recipe.name, msl, out))
+        held_for_gate = runner.path("data", d["heldout_file"]) if d["heldout_file"] else None
+        runner.run("export", k["export"], lambda out: export.run(recipe.export, merged, val_file, recipe.name, msl, out,
+                                                                  held_for_gate))
     if stop_at >= STAGES.index("serve"):
         files = {f["name"]: f["file"] for f in runner.runs["export"].result["files"]}
-        if recipe.serve.quant not in files:
-            raise FtxError(f"serve.quant {recipe.serve.quant!r} is not among the exported files ({', '.join(files)})")
-        gguf = runner.path("export", files[recipe.serve.quant])
+        quant = runner.runs["export"].result["selected"] if recipe.serve.quant == "auto" else recipe.serve.quant
+        if quant not in files:
+            raise FtxError(f"serve.quant {quant!r} is not among the exported files ({', '.join(files)})")
+        gguf = runner.path("export", files[quant])
         serve_cfg = {**recipe.serve.model_dump(mode="json", exclude={"api_key", "port", "startup_timeout_s"}),
                      "regex": recipe.eval.response_regex, "max_new_tokens": recipe.eval.max_new_tokens}
         k["serve"] = runner.key("serve", serve_cfg, [k["export"], k["data"]])

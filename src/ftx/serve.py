@@ -33,7 +33,7 @@ from .errors import FtxError
 class ServeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     engine: Literal["llamacpp"] = "llamacpp"
-    quant: str = "q4_k_m"
+    quant: str = Field("auto", description="which exported GGUF; auto: the one the export quality gate selected")
     host: str = "127.0.0.1"
     port: int = Field(0, ge=0, le=65535, description="0 picks a free port")
     parallel: int = Field(4, ge=1, description="llama-server slots (concurrent sequences)")
