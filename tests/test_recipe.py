@@ -24,7 +24,8 @@ def test_quickstart_recipe_is_valid_and_paths_resolve():
     r = R.load(RECIPE)
     assert r.name == "quickstart"
     assert r.data.path.is_absolute() and r.data.path.is_file()
-    assert r.train.method == "lora" and r.export.quants == ["q8_0", "q4_k_m"]
+    assert r.train.method == "lora" and r.export.quants == ["q8_0", "q6_k", "q4_k_m"]
+    assert r.export.quality_gate.max_mean_kld == 0.05 and r.serve.quant == "auto"
 
 
 def test_overrides_parse_types_and_nested_keys():
