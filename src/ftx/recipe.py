@@ -46,6 +46,8 @@ class Recipe(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     base_model: str
+    license: str | None = Field(None, description="SPDX id of the fine-tuned model (model card, GGUF); "
+                                                  "default: the base model's, when ftx knows it")
     output_dir: Path = Path("runs")
     data: DataConfig
     train: TrainConfig = TrainConfig()
@@ -305,15 +307,17 @@ def run(recipe_path: Path, overrides: tuple[str, ...] = (), force: tuple[str, ..
         k["eval"] = runner.key("eval", recipe.eval.model_dump(mode="json"), [k["adapter"]])
         runner.run("eval", k["eval"], lambda out: eval.run(recipe.eval, base_dir, adapter, val_file, heldout_file, msl))
     if stop_at >= STAGES.index("merge"):
-        k["merge"] = runner.key("merge", recipe.merge.model_dump(mode="json"), [k["adapter"]])
-        runner.run("merge", k["merge"], lambda out: merge.run(recipe.merge, base_dir, adapter, val_file, out))
+        license = recipe.license or basemodel.LICENSES.get(recipe.base_model)
+        k["merge"] = runner.key("merge", {**recipe.merge.model_dump(mode="json"), "license": license}, [k["adapter"]])
+        runner.run("merge", k["merge"], lambda out: merge.run(recipe.merge, base_dir, adapter, val_file, out,
+                                                              recipe.name, recipe.base_model, license))
         merged = runner.path("merge", runner.runs["merge"].result["merged_dir"])
     if stop_at >= STAGES.index("export"):
         export_cfg = {**recipe.export.model_dump(mode="json"), "name": recipe.name, "num_ctx": msl}
         k["export"] = runner.key("export", export_cfg, [k["merge"]])
         held_for_gate = runner.path("data", d["heldout_file"]) if d["heldout_file"] else None
         runner.run("export", k["export"], lambda out: export.run(recipe.export, merged, val_file, recipe.name, msl, out,
-                                                                  held_for_gate))
+                                                                  held_for_gate, k["export"], recipe.base_model))
     if stop_at >= STAGES.index("serve"):
         files = {f["name"]: f["file"] for f in runner.runs["export"].result["files"]}
         quant = runner.runs["export"].result["selected"] if recipe.serve.quant == "auto" else recipe.serve.quant

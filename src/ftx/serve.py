@@ -98,8 +98,9 @@ def running(cfg: ServeConfig, gguf: Path, model_name: str, log: Path, on_wait=No
     """Start llama-server for `gguf`, wait until /health is 200, yield the endpoint, always shut it down."""
     from . import llamacpp
 
-    if not Path(gguf).is_file():
-        raise FtxError(f"{gguf}: GGUF file not found")
+    from .export import check_gguf
+
+    check_gguf(gguf)
     port = cfg.port or free_port(cfg.host)
     if port_in_use(cfg.host, port):
         raise FtxError(f"port {port} on {cfg.host} is already in use (serve.port)")
