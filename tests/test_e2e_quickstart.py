@@ -167,6 +167,24 @@ def test_gguf_metadata_carries_name_license_template_and_lineage(run1):
     assert run1["card"]["export"]["lineage"] == key
 
 
+def test_gguf_lora_adapter_in_llama_cpp_matches_hf_peft(run1, hf, heldout):
+    from ftx import data
+    from ftx.eval import compare_logits, token_logits
+    from ftx.export import gguf_logits
+
+    lora = run1["card"]["export"]["lora"]
+    assert lora["top1_agreement"] >= 0.99 and lora["adapter_size_bytes"] < 20e6
+    tok, peft_model, _ = hf
+    seqs = [data.render(tok, m, 512)["input_ids"] for m in heldout[:8]]
+    with_adapter = gguf_logits(run1["dir"] / "base-f16.gguf", seqs, lora=run1["dir"] / "adapter-f16.gguf")
+    cmp = compare_logits(with_adapter, token_logits(peft_model, seqs))  # llama.cpp base+LoRA vs HF base+LoRA
+    assert cmp["top1_agreement"] >= 0.99, cmp
+    without = gguf_logits(run1["dir"] / "base-f16.gguf", seqs)
+    assert np.abs(without - with_adapter).max() > 1.0  # the adapter really changes llama.cpp's outputs
+    mf = (run1["dir"] / "Modelfile.adapter").read_text()
+    assert "FROM ./base-f16.gguf" in mf and "ADAPTER ./adapter-f16.gguf" in mf
+
+
 def test_modelfile(run1):
     mf = (run1["dir"] / "Modelfile").read_text()
     selected = run1["card"]["export"]["selected"]

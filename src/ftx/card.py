@@ -75,6 +75,12 @@ def write_run_dir(recipe, runner, inputs, config, overrides, started, wall_s, ve
                 _link(runner.path("export", f["file"]), tmp / f["file"])
             if runner.runs["export"].result.get("modelfile"):
                 shutil.copy(runner.path("export", "Modelfile"), tmp / "Modelfile")
+            lora = runner.runs["export"].result.get("lora")
+            if lora:
+                for f in (lora["base_file"], lora["adapter_file"]):
+                    _link(runner.path("export", f), tmp / f)
+                if lora.get("modelfile"):
+                    shutil.copy(runner.path("export", lora["modelfile"]), tmp / lora["modelfile"])
         manifest = {
             "ftx_version": versions["ftx"], "run_id": run_id, "recipe": recipe.name, "started": created,
             "finished": datetime.now(started.tzinfo).isoformat(timespec="seconds"), "wall_s": wall_s,

@@ -51,6 +51,8 @@ class ExportConfig(BaseModel):
     min_top1_agreement: float = Field(0.99, ge=0, le=1, description="f16 GGUF vs HF, on validation tokens")
     check_tokens: int = Field(512, ge=16)
     modelfile_quant: str = Field("auto", description="auto: the quant the gate selected")
+    lora_adapter: bool = Field(False, description="also export the adapter as a GGUF LoRA (+ the base model as "
+                                                  "an f16 GGUF) and verify base+adapter in llama.cpp")
 
     @field_validator("quants")
     @classmethod
@@ -74,6 +76,15 @@ class GgufFile(BaseModel):
     passed: bool | None = Field(None, description="within the quality gate (None: reference or no gate)")
 
 
+class LoraGguf(BaseModel):
+    base_file: str
+    adapter_file: str
+    adapter_size_bytes: int
+    top1_agreement: float = Field(description="llama.cpp base+adapter vs the HF model, validation tokens")
+    max_abs_logit_diff: float
+    modelfile: str | None = None
+
+
 class ExportResult(BaseModel):
     files: list[GgufFile]
     selected: str = Field(description="the smallest quant within the gate (the smallest quant without a gate)")
@@ -81,6 +92,7 @@ class ExportResult(BaseModel):
     eval_tokens: int = 0
     imatrix: str | None = None
     lineage: str | None = None
+    lora: LoraGguf | None = None
     modelfile: str | None
     modelfile_note: str | None = None
 
@@ -201,13 +213,27 @@ def _log_softmax(x):
     return x - np.log(np.exp(x).sum(-1, keepdims=True))
 
 
-def gguf_scores(path: Path, seqs: list[list[int]]):
-    """Yield (logits [n, vocab] fp32, token ids) per sequence, from llama.cpp with every position's logits kept."""
+def convert_lora(adapter_dir: Path, base_dir: Path, dst: Path) -> None:
+    """peft adapter -> GGUF LoRA with llama.cpp's convert_lora_to_gguf.py (base config from `base_dir`)."""
+    from . import llamacpp
+
+    cmd = [sys.executable, str(llamacpp.converter("lora")), str(adapter_dir), "--base", str(base_dir),
+           "--outfile", str(dst), "--outtype", "f16"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    if proc.returncode != 0 or not dst.exists():
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+        raise FtxError(f"convert_lora_to_gguf failed for {adapter_dir}: {tail[0]}")
+
+
+def gguf_scores(path: Path, seqs: list[list[int]], lora: Path | None = None):
+    """Yield (logits [n, vocab] fp32, token ids) per sequence, from llama.cpp with every position's logits kept
+    (with a GGUF LoRA adapter applied when `lora` is given)."""
     import numpy as np
     from llama_cpp import Llama
 
     n_ctx = max(map(len, seqs)) + 8
-    llm = Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, logits_all=True, verbose=False)
+    llm = Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, logits_all=True, verbose=False,
+                lora_path=str(lora) if lora else None)
     try:
         for ids in seqs:
             llm.reset()
@@ -275,11 +301,11 @@ def eval_sequences(tok, files: list[Path | None]) -> list[list[int]]:
             if "messages" in ex or "text" in ex]
 
 
-def gguf_logits(path: Path, seqs: list[list[int]]):
+def gguf_logits(path: Path, seqs: list[list[int]], lora: Path | None = None):
     """llama.cpp logits at every position of every sequence, concatenated: [total_tokens, vocab]."""
     import numpy as np
 
-    return np.concatenate([logits for logits, _ in gguf_scores(path, seqs)])
+    return np.concatenate([logits for logits, _ in gguf_scores(path, seqs, lora)])
 
 
 def chat_family(chat_template: str | None) -> str | None:
@@ -294,7 +320,8 @@ def default_system(chat_template: str) -> str | None:
     return m.group(1) if m and "{{" not in m.group(1) else None
 
 
-def write_modelfile(tok, gguf_name: str, name: str, num_ctx: int, dst: Path) -> tuple[str | None, str | None]:
+def write_modelfile(tok, gguf_name: str, name: str, num_ctx: int, dst: Path,
+                    adapter: str | None = None) -> tuple[str | None, str | None]:
     """Render the Modelfile of the template's family; returns (file name, note). No family -> no guess."""
     from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
@@ -307,14 +334,35 @@ def write_modelfile(tok, gguf_name: str, name: str, num_ctx: int, dst: Path) -> 
             stops.append(t)
     env = Environment(loader=FileSystemLoader(MODELFILE_DIR), undefined=StrictUndefined, keep_trailing_newline=True)
     text = env.get_template(f"{family}.Modelfile.j2").render(
-        name=name, gguf=f"./{gguf_name}", system=default_system(tok.chat_template), stops=stops, num_ctx=num_ctx
+        name=name, gguf=f"./{gguf_name}", system=default_system(tok.chat_template), stops=stops, num_ctx=num_ctx,
+        adapter=f"./{adapter}" if adapter else None, file=dst.name,
     )
     dst.write_text(text)
     return dst.name, None
 
 
+def export_lora(cfg: ExportConfig, base_dir: Path, adapter_dir: Path, seqs, ref, tok, name: str, num_ctx: int,
+                out: Path) -> LoraGguf:
+    """Base model -> f16 GGUF, adapter -> GGUF LoRA; llama.cpp base+adapter logits must match the HF model
+    (the merged model, itself proven equal to base+adapter in peft by the merge stage)."""
+    from .eval import compare_logits
+
+    base_gguf, adapter_gguf = out / "base-f16.gguf", out / "adapter-f16.gguf"
+    convert_hf(base_dir, base_gguf, "f16", f"{name}-base")
+    convert_lora(adapter_dir, base_dir, adapter_gguf)
+    cmp = compare_logits(gguf_logits(base_gguf, seqs, lora=adapter_gguf), ref)
+    if cmp["top1_agreement"] < cfg.min_top1_agreement:
+        raise FtxError(f"llama.cpp base + {adapter_gguf.name} agrees with the HF model on only "
+                       f"{cmp['top1_agreement']:.1%} of validation tokens (< export.min_top1_agreement)")
+    modelfile, _ = write_modelfile(tok, base_gguf.name, name, num_ctx, out / "Modelfile.adapter", adapter_gguf.name)
+    return LoraGguf(base_file=base_gguf.name, adapter_file=adapter_gguf.name,
+                    adapter_size_bytes=adapter_gguf.stat().st_size, top1_agreement=cmp["top1_agreement"],
+                    max_abs_logit_diff=cmp["max_abs_diff"], modelfile=modelfile)
+
+
 def run(cfg: ExportConfig, merged_dir: Path, val_file: Path, name: str, num_ctx: int, out: Path,
-        heldout_file: Path | None = None, lineage: str | None = None, base_model: str | None = None) -> ExportResult:
+        heldout_file: Path | None = None, lineage: str | None = None, base_model: str | None = None,
+        base_dir: Path | None = None, adapter_dir: Path | None = None) -> ExportResult:
     from rich.progress import Progress
 
     from .eval import check_sequences, compare_logits, token_logits
@@ -382,5 +430,10 @@ def run(cfg: ExportConfig, merged_dir: Path, val_file: Path, name: str, num_ctx:
     if mf_quant not in [f.name for f in files]:
         raise FtxError(f"export.modelfile_quant {mf_quant!r} is not among the exported files")
     modelfile, note = write_modelfile(tok, f"model-{mf_quant}.gguf", name, num_ctx, out / "Modelfile")
-    return ExportResult(files=files, selected=selected, gate=cfg.quality_gate, eval_tokens=eval_tokens,
+    lora = None
+    if cfg.lora_adapter:
+        if base_dir is None or adapter_dir is None:
+            raise FtxError("export.lora_adapter needs the base model and the adapter (run it from a recipe)")
+        lora = export_lora(cfg, base_dir, adapter_dir, seqs, ref, tok, name, num_ctx, out)
+    return ExportResult(lora=lora, files=files, selected=selected, gate=cfg.quality_gate, eval_tokens=eval_tokens,
                         imatrix=imatrix.name if imatrix else None, lineage=lineage, modelfile=modelfile, modelfile_note=note)

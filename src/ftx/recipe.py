@@ -317,7 +317,8 @@ def run(recipe_path: Path, overrides: tuple[str, ...] = (), force: tuple[str, ..
         k["export"] = runner.key("export", export_cfg, [k["merge"]])
         held_for_gate = runner.path("data", d["heldout_file"]) if d["heldout_file"] else None
         runner.run("export", k["export"], lambda out: export.run(recipe.export, merged, val_file, recipe.name, msl, out,
-                                                                  held_for_gate, k["export"], recipe.base_model))
+                                                                  held_for_gate, k["export"], recipe.base_model,
+                                                                  base_dir, adapter))
     if stop_at >= STAGES.index("serve"):
         files = {f["name"]: f["file"] for f in runner.runs["export"].result["files"]}
         quant = runner.runs["export"].result["selected"] if recipe.serve.quant == "auto" else recipe.serve.quant
