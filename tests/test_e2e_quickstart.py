@@ -227,6 +227,19 @@ def test_quality_gate_measures_every_quant_and_serves_the_smallest_passing(run1,
     assert q4["same_top"] == pytest.approx((p.argmax(-1) == q.argmax(-1)).mean(), abs=0.01)
 
 
+def test_imatrix_quantization_uses_the_training_conversations(run1):
+    run_dir, manifest = ftx_run(run1["out"], "export.imatrix=true", "export.quants=[q4_k_m]", "export.quality_gate=null",
+                                "export.lora_adapter=false", "--until", "export")
+    assert manifest["stages"]["merge"]["cached"] and not manifest["stages"]["export"]["cached"]
+    ex = json.loads((run_dir / "run_card.json").read_text())["export"]
+    assert ex["imatrix"] == "imatrix.gguf" and (run_dir / "stages" / "export" / "imatrix.gguf").stat().st_size > 0
+    assert ex["gate"] is None and ex["selected"] == "q4_k_m" and ex["files"][1]["passed"] is None
+    # the importance matrix changes the quantized weights
+    plain, weighted = run1["dir"] / "model-q4_k_m.gguf", run_dir / "model-q4_k_m.gguf"
+    assert plain.stat().st_size > 0 and plain.read_bytes() != weighted.read_bytes()
+    assert "calibration" not in " ".join(p.name for p in (run_dir / "stages" / "export").iterdir())  # scratch removed
+
+
 def test_quality_gate_that_nothing_passes_fails_the_export_cleanly(run1):
     before = set((run1["out"] / ".cache" / "export").iterdir())
     proc = subprocess.run(ftx_cmd(run1["out"], "export.quality_gate.max_mean_kld=1e-7", "--until", "export"),

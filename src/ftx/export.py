@@ -47,7 +47,8 @@ class ExportConfig(BaseModel):
     outtype: str = Field("f16", pattern="^(f16|f32|bf16)$")
     quants: list[str] = Field(default_factory=lambda: ["q8_0", "q6_k", "q5_k_m", "q4_k_m"])
     quality_gate: QualityGate | None = Field(default_factory=QualityGate, description="null: keep every quant")
-    imatrix: bool = Field(False, description="importance matrix from the evaluation text (llama-imatrix) for the quants")
+    imatrix: bool = Field(False, description="quantize with an importance matrix (llama-imatrix) computed on the "
+                                             "training conversations (never on the gate's evaluation text)")
     min_top1_agreement: float = Field(0.99, ge=0, le=1, description="f16 GGUF vs HF, on validation tokens")
     check_tokens: int = Field(512, ge=16)
     modelfile_quant: str = Field("auto", description="auto: the quant the gate selected")
@@ -362,7 +363,7 @@ def export_lora(cfg: ExportConfig, base_dir: Path, adapter_dir: Path, seqs, ref,
 
 def run(cfg: ExportConfig, merged_dir: Path, val_file: Path, name: str, num_ctx: int, out: Path,
         heldout_file: Path | None = None, lineage: str | None = None, base_model: str | None = None,
-        base_dir: Path | None = None, adapter_dir: Path | None = None) -> ExportResult:
+        base_dir: Path | None = None, adapter_dir: Path | None = None, calib_file: Path | None = None) -> ExportResult:
     from rich.progress import Progress
 
     from .eval import check_sequences, compare_logits, token_logits
@@ -397,8 +398,10 @@ def run(cfg: ExportConfig, merged_dir: Path, val_file: Path, name: str, num_ctx:
                            f"validation tokens (< export.min_top1_agreement {cfg.min_top1_agreement:.0%})")
         if cfg.imatrix:
             progress.update(task, description="importance matrix")
+            if calib_file is None:
+                raise FtxError("export.imatrix needs calibration text: the training split (run it from a recipe)")
             calib = scratch / "calibration.txt"
-            calib.write_text("\n".join(tok.decode(x) for x in eval_seqs))
+            calib.write_text("\n".join(tok.decode(x) for x in eval_sequences(tok, [calib_file])))
             imatrix = out / "imatrix.gguf"
             _tool("llama-imatrix", ["-m", ref_gguf, "-f", calib, "-o", imatrix, "-c", 128, "-t", os.cpu_count() or 1],
                   out / "tools.log")

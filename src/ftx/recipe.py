@@ -318,7 +318,7 @@ def run(recipe_path: Path, overrides: tuple[str, ...] = (), force: tuple[str, ..
         held_for_gate = runner.path("data", d["heldout_file"]) if d["heldout_file"] else None
         runner.run("export", k["export"], lambda out: export.run(recipe.export, merged, val_file, recipe.name, msl, out,
                                                                   held_for_gate, k["export"], recipe.base_model,
-                                                                  base_dir, adapter))
+                                                                  base_dir, adapter, train_file))
     if stop_at >= STAGES.index("serve"):
         files = {f["name"]: f["file"] for f in runner.runs["export"].result["files"]}
         quant = runner.runs["export"].result["selected"] if recipe.serve.quant == "auto" else recipe.serve.quant
