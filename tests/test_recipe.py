@@ -115,12 +115,11 @@ def test_every_shipped_recipe_validates(path):
 
 
 def test_gpu_recipe_is_planned_to_fit_a_24gb_card():
-    from ftx.plan import PlanConfig, plan
+    from ftx.plan import PlanConfig, plan, recipe_plan_config
 
-    r = R.load(RECIPE.parent / "llama3.1-8b-qlora.yaml")
-    p = plan(PlanConfig(model=r.base_model, method=r.train.method, seq_len=r.data.max_seq_len,
-                        batch_size=r.train.batch_size, lora_r=r.train.lora.r,
-                        gradient_checkpointing=r.train.gradient_checkpointing, optimizer="adamw_8bit"))
+    cfg = recipe_plan_config(R.load(RECIPE.parent / "llama3.1-8b-qlora.yaml"), "cuda")
+    assert cfg["optimizer"] == "adamw_8bit" and cfg["method"] == "qlora" and cfg["seq_len"] == 2048
+    p = plan(PlanConfig(**cfg, device="cuda"))
     assert p.fits and p.total_mb < 24 * 1024
 
 

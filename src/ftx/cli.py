@@ -285,27 +285,13 @@ def plan(source, overrides, method, seq_len, batch_size, lora_r, gradient_checkp
 
     from .plan import PlanConfig, plan as make_plan
 
-    cfg: dict = {}
     if source.endswith((".yaml", ".yml")):
+        from .plan import recipe_plan_config
         from .recipe import load
 
-        r = load(Path(source), overrides)
-        targets = r.train.lora.target_modules
-        cfg = {"model": r.base_model, "method": r.train.method, "seq_len": r.data.max_seq_len,
-               "batch_size": r.train.batch_size, "lora_r": r.train.lora.r,
-               "gradient_checkpointing": r.train.gradient_checkpointing,
-               "target_modules": targets if isinstance(targets, str) else "all-linear",
-               "optimizer": "adamw_8bit" if r.train.optimizer in ("adamw_8bit", "paged_adamw_8bit") or (
-                   r.train.optimizer == "auto" and r.train.method == "qlora" and device == "cuda") else "adamw"}
-        if cfg["model"] not in _known_models():
-            from .basemodel import PACKAGED
-
-            if cfg["model"] in PACKAGED:
-                from .basemodel import resolve
-
-                cfg["model"] = str(resolve(cfg["model"]))
+        cfg = recipe_plan_config(load(Path(source), overrides), device)
     else:
-        cfg["model"] = source
+        cfg = {"model": source}
     given = {"method": method, "seq_len": seq_len, "batch_size": batch_size, "lora_r": lora_r,
              "gradient_checkpointing": gradient_checkpointing}
     cfg.update({k: v for k, v in given.items() if v is not None})
@@ -328,12 +314,6 @@ def plan(source, overrides, method, seq_len, batch_size, lora_r, gradient_checkp
         click.echo(f"{p.params / 1e9:.2f}B params, {p.trainable_params / 1e6:.1f}M trainable; "
                    f"{p.total_mb / 1024:.1f} GiB {verdict} in {budget_gb:g} GiB; largest batch that fits: {p.max_batch_size}")
     sys.exit(0 if p.fits else 1)
-
-
-def _known_models():
-    from .plan import KNOWN
-
-    return KNOWN
 
 
 @cli.command()

@@ -6,8 +6,8 @@ template, each quant is compared with the f16 reference through llama.cpp itself
 kept): PPL ratio, mean and P99 KL divergence and same-top-token rate, defined as `llama-perplexity
 --kl-divergence` defines them. Not llama-perplexity itself: it tokenizes its input without special tokens (chat
 markers would be scored as text) and in KL mode takes PPL(base) from uint16-compressed log-probs, which on
-this low-perplexity text reported Q8_0 at PPL ratio 1.197 where the two PPLs differ by 0.7%. The recipe sets budgets; the smallest quant within them is selected
-(served, and named in the Modelfile); the stage fails when none is. Each GGUF's top-1 agreement with the HF
+this text reported Q8_0 at PPL ratio 1.197 where the two PPLs differ by 0.7%. The recipe sets budgets; the
+smallest quant within them is selected (served, and named in the Modelfile); the stage fails when none is. Each GGUF's top-1 agreement with the HF
 model on validation tokens is checked too (the f16 file must reach export.min_top1_agreement).
 
 Nothing is compiled here: converter, gguf-py and tools come from the llama-cpp-python sdist (ftx.llamacpp).
@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .errors import FtxError
 
-# llama-quantize type names, largest first (llama.h: enum llama_ftype)
+# ftx quant name -> llama-quantize type name, largest first
 QUANT_FTYPES = {"q8_0": "Q8_0", "q6_k": "Q6_K", "q5_k_m": "Q5_K_M", "q4_k_m": "Q4_K_M", "q4_0": "Q4_0"}
 MODELFILE_DIR = Path(__file__).resolve().parents[2] / "modelfiles"
 
@@ -169,21 +169,26 @@ def gguf_metadata(name: str, lineage: str | None, base_model: str | None) -> dic
     return meta
 
 
-def convert_hf(model_dir: Path, dst: Path, outtype: str, name: str, metadata: dict | None = None) -> None:
-    import json
-
+def _convert(kind: str, args: list[str], what: Path, dst: Path) -> None:
+    """Run llama.cpp's convert_<kind>_to_gguf.py offline; failure -> one-line error with its last output line."""
     from . import llamacpp
 
-    cmd = [sys.executable, str(llamacpp.converter("hf")), str(model_dir), "--outfile", str(dst),
-           "--outtype", outtype, "--model-name", name]
-    if metadata:
-        meta_file = dst.parent / "gguf_metadata.json"
-        meta_file.write_text(json.dumps(metadata, indent=2))
-        cmd += ["--metadata", str(meta_file)]
+    cmd = [sys.executable, str(llamacpp.converter(kind)), *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     if proc.returncode != 0 or not dst.exists():
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-        raise FtxError(f"convert_hf_to_gguf failed for {model_dir}: {tail[0]}")
+        raise FtxError(f"convert_{kind}_to_gguf failed for {what}: {tail[0]}")
+
+
+def convert_hf(model_dir: Path, dst: Path, outtype: str, name: str, metadata: dict | None = None) -> None:
+    import json
+
+    args = [str(model_dir), "--outfile", str(dst), "--outtype", outtype, "--model-name", name]
+    if metadata:
+        meta_file = dst.parent / "gguf_metadata.json"
+        meta_file.write_text(json.dumps(metadata, indent=2))
+        args += ["--metadata", str(meta_file)]
+    _convert("hf", args, model_dir, dst)
 
 
 def _tool(name: str, args: list, log: Path) -> str:
@@ -216,14 +221,8 @@ def _log_softmax(x):
 
 def convert_lora(adapter_dir: Path, base_dir: Path, dst: Path) -> None:
     """peft adapter -> GGUF LoRA with llama.cpp's convert_lora_to_gguf.py (base config from `base_dir`)."""
-    from . import llamacpp
-
-    cmd = [sys.executable, str(llamacpp.converter("lora")), str(adapter_dir), "--base", str(base_dir),
-           "--outfile", str(dst), "--outtype", "f16"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    if proc.returncode != 0 or not dst.exists():
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-        raise FtxError(f"convert_lora_to_gguf failed for {adapter_dir}: {tail[0]}")
+    _convert("lora", [str(adapter_dir), "--base", str(base_dir), "--outfile", str(dst), "--outtype", "f16"],
+             adapter_dir, dst)
 
 
 def gguf_scores(path: Path, seqs: list[list[int]], lora: Path | None = None):

@@ -113,7 +113,9 @@ class Plan(BaseModel):
 def arch_of(model: str) -> Arch:
     if model in KNOWN:
         return Arch(**dict(zip(Arch.model_fields, KNOWN[model])))
-    path = Path(model).expanduser()
+    from .basemodel import PACKAGED, resolve
+
+    path = resolve(model) if model in PACKAGED else Path(model).expanduser()
     if not (path / "config.json").exists():
         raise FtxError(f"model {model!r}: not a local dir with config.json nor a known model "
                        f"({', '.join(KNOWN)})")
@@ -123,6 +125,17 @@ def arch_of(model: str) -> Arch:
                 heads=heads, kv_heads=c.get("num_key_value_heads", heads),
                 head_dim=c.get("head_dim") or c["hidden_size"] // heads, vocab=c["vocab_size"],
                 tied=c.get("tie_word_embeddings", False))
+
+
+def recipe_plan_config(recipe, device: str) -> dict:
+    """PlanConfig fields for a recipe's train stage (explicit target lists are planned as all-linear)."""
+    t = recipe.train
+    eight_bit = t.optimizer in ("adamw_8bit", "paged_adamw_8bit") or (
+        t.optimizer == "auto" and t.method == "qlora" and device == "cuda")  # train.pick_optimizer's auto
+    return {"model": recipe.base_model, "method": t.method, "seq_len": recipe.data.max_seq_len,
+            "batch_size": t.batch_size, "lora_r": t.lora.r, "gradient_checkpointing": t.gradient_checkpointing,
+            "target_modules": t.lora.target_modules if isinstance(t.lora.target_modules, str) else "all-linear",
+            "optimizer": "adamw_8bit" if eight_bit else "adamw"}
 
 
 def targets(arch: Arch, preset: str) -> list[str]:

@@ -276,6 +276,8 @@ def run(recipe_path: Path, overrides: tuple[str, ...] = (), force: tuple[str, ..
         inputs["dpo_data"] = {"path": str(recipe.dpo.data.path), "sha256": sha256_file(recipe.dpo.data.path)}
     if runner.cached("data", k["data"]) is None:
         prepared = data.prepare(recipe.data)  # bad data fails before anything is printed or written
+    if recipe.dpo and stop_at >= STAGES.index("dpo"):
+        pairs, _ = data.prepare(recipe.dpo.data)  # likewise the preference pairs: not after hours of SFT
     runner.run("data", k["data"], lambda out: data.write(*prepared, out))
     with console.status("preparing the base model ..."):
         base_dir = basemodel.resolve(recipe.base_model)
@@ -298,8 +300,6 @@ def run(recipe_path: Path, overrides: tuple[str, ...] = (), force: tuple[str, ..
         dpo_cfg = {**recipe.dpo.model_dump(mode="json"), "data": {**recipe.dpo.data.model_dump(mode="json"),
                                                                    "path": inputs["dpo_data"]["sha256"], "heldout": None}}
         k["dpo"] = runner.key("dpo", dpo_cfg, [k["train"]])
-        if runner.cached("dpo", k["dpo"]) is None:
-            pairs, _ = data.prepare(recipe.dpo.data)
         runner.run("dpo", k["dpo"], lambda out: dpo.run(recipe.dpo, base_dir, adapter, pairs, msl, out, recipe.train.method))
         adapter = runner.path("dpo", runner.runs["dpo"].result["adapter_dir"])
         k["adapter"] = k["dpo"]

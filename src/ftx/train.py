@@ -1,8 +1,9 @@
 """Train stage: LoRA / QLoRA fine-tuning with transformers + peft (or Unsloth on CUDA).
 
-fp32 on CPU (bf16 matmuls are ~100x slower there), bf16 on CUDA. By default a batch is packed into one row
-without padding: position ids restart at every example and the attention mask is block-diagonal, so no
-example attends to another (see `collate_packed`). The loss covers assistant turns only.
+fp32 on CPU (bf16 matmuls are ~100x slower there), bf16 on CUDA. With a varlen attention kernel
+(flash-attention) a batch is packed into one row without padding: position ids restart at every example and
+the attention mask is block-diagonal, so no example attends to another (see `collate_packed`); otherwise a
+batch is padded to its longest row. The loss covers assistant turns only.
 Writes: adapter/ (standard peft format, whichever backend trained it), metrics.jsonl, loss.png.
 """
 
@@ -22,9 +23,6 @@ from typing import Iterator, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from .errors import FtxError
-
-PRESETS = ("all-linear", "attention", "mlp")
-OPTIMIZERS = ("auto", "adamw_torch", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit")
 
 
 class LoraConfig(BaseModel):
@@ -180,7 +178,7 @@ def tracking_env(report_to: list[str], log_root: Path | None, experiment: str, r
         env.update(MLFLOW_TRACKING_URI=(Path(log_root) / "mlruns").resolve().as_uri(), MLFLOW_ALLOW_FILE_STORE="true",
                    MLFLOW_EXPERIMENT_NAME=experiment, MLFLOW_RUN_NAME=run_name, HF_MLFLOW_LOG_ARTIFACTS="false")
     for mod in report_to:
-        if importlib.util.find_spec({"tensorboard": "tensorboard", "mlflow": "mlflow"}[mod]) is None:
+        if importlib.util.find_spec(mod) is None:
             raise FtxError(f"train.report_to: {mod} is not installed: pip install 'ftx[monitor]'")
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
