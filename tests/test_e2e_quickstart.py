@@ -191,6 +191,11 @@ def test_modelfile(run1):
     assert f"FROM ./model-{selected}.gguf" in mf and (run1["dir"] / f"model-{selected}.gguf").exists()
     assert 'PARAMETER stop "<|im_end|>"' in mf and "PARAMETER num_ctx 512" in mf
     assert "<|im_start|>{{ .Role }}" in mf and "{{ .Content }}<|im_end|>" in mf
+    proof = json.loads((run1["dir"] / "Modelfile.proof.json").read_text())
+    assert proof["proven"] and proof["family"] == "chatml"
+    assert [r["status"] for r in proof["rows"]] == ["same"] * 5
+    assert run1["card"]["export"]["modelfile_family"] == "chatml"
+    assert "chatml family, proven" in (run1["dir"] / "run_card.md").read_text()
 
 
 def test_quality_gate_measures_every_quant_and_serves_the_smallest_passing(run1, heldout, tmp_path):
@@ -321,9 +326,16 @@ def test_changing_a_train_setting_reruns_train_not_data(run1):
     assert set(manifest["stages"]) == {"data", "train"}
 
 
-def test_qlora_trains_a_standard_peft_adapter(run1, hf):
+@pytest.fixture(scope="module")
+def qlora_run(run1):
     """QLoRA, with the other training options switched on in the same short run: packing, the attention-only
     preset, gradient checkpointing, TensorBoard and MLflow logging."""
+    return ftx_run(run1["out"], "train.method=qlora", "train.max_steps=6", "train.eval_every=3",
+                   "train.packing=true", "train.lora.target_modules=attention",
+                   "train.gradient_checkpointing=true", "train.report_to=[tensorboard,mlflow]", "--until", "train")
+
+
+def test_qlora_trains_a_standard_peft_adapter(run1, hf, qlora_run):
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -334,18 +346,16 @@ def test_qlora_trains_a_standard_peft_adapter(run1, hf):
     nf4, _ = load_base(Path(base_dir), "qlora", "cpu")
     assert any(type(m).__name__ == "Linear4bit" for m in nf4.modules())  # really 4-bit weights
     del nf4
-    run_dir, manifest = ftx_run(run1["out"], "train.method=qlora", "train.max_steps=3", "train.eval_every=3",
-                                "train.packing=true", "train.lora.target_modules=attention",
-                                "train.gradient_checkpointing=true", "train.report_to=[tensorboard,mlflow]",
-                                "--until", "train")
+    run_dir, manifest = qlora_run
     assert manifest["stages"]["data"]["cached"] and not manifest["stages"]["train"]["cached"]
     card = json.loads((run_dir / "run_card.json").read_text())
     tr = card["train"]
-    assert tr["val_loss"] < run1["card"]["eval"]["base_val_loss"]
+    rows = [json.loads(line) for line in open(run_dir / "stages" / "train" / "metrics.jsonl")]
+    val = [r["val_loss"] for r in rows if "val_loss" in r]  # steps 0, 3, 6, on the NF4 model like training
+    assert len(val) == 3 and val[-1] < val[0] and tr["val_loss"] <= val[-1]
     assert tr["packing"] and tr["target_modules"] == ["k_proj", "o_proj", "q_proj", "v_proj"]
     assert sorted(json.loads((run_dir / "adapter" / "adapter_config.json").read_text())["target_modules"]) == tr["target_modules"]
     assert run1["card"]["train"]["packing"] is False  # auto on CPU: padded (SDPA has no varlen kernel)
-    rows = [json.loads(line) for line in open(run_dir / "stages" / "train" / "metrics.jsonl")]
     assert all(r["peak_memory_mb"] > 100 for r in rows) and any("grad_norm" in r for r in rows)
     # TensorBoard event file and MLflow file store, both holding the training loss
     key = manifest["stages"]["train"]["key"]
@@ -355,9 +365,9 @@ def test_qlora_trains_a_standard_peft_adapter(run1, hf):
 
     acc = EventAccumulator(str(events[0].parent))
     acc.Reload()
-    assert "train/loss" in acc.Tags()["scalars"] and len(acc.Scalars("train/loss")) == 3
+    assert "train/loss" in acc.Tags()["scalars"] and len(acc.Scalars("train/loss")) == 6
     mlflow_loss = list((run1["out"] / "mlruns").glob("*/*/metrics/loss"))
-    assert len(mlflow_loss) == 1 and len(mlflow_loss[0].read_text().splitlines()) == 3
+    assert len(mlflow_loss) == 1 and len(mlflow_loss[0].read_text().splitlines()) == 6
     # the adapter is plain peft format: it loads onto the full-precision base and changes its logits
     tok = hf[0]
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
@@ -366,6 +376,61 @@ def test_qlora_trains_a_standard_peft_adapter(run1, hf):
         before = base(input_ids=x).logits
         after = PeftModel.from_pretrained(base, run_dir / "adapter").eval()(input_ids=x).logits
     assert (after - before).abs().max() > 1e-3
+
+
+def test_qlora_merge_reports_the_difference_from_the_4bit_model(run1, hf, qlora_run, tmp_path):
+    """The QLoRA adapter merged onto the full-precision base is not the model that was trained (NF4 base +
+    adapter): the merge stage measures how far apart they are. Recomputed here from the saved merged model."""
+    import torch
+    from peft import PeftModel
+
+    from ftx.eval import check_sequences, compare_logits, token_logits
+    from ftx.train import load_base
+
+    adapter, val = qlora_run[0] / "adapter", run1["dir"] / "stages" / "data" / "val.jsonl"
+    proc = subprocess.run([*FTX, "merge", "--base", "smollm2-135m-instruct", "--adapter", str(adapter), "--val", str(val),
+                           "--out", str(tmp_path / "m"), "--qlora"], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    r = json.loads((tmp_path / "m" / "merge.json").read_text())
+    assert r["max_abs_logit_diff"] < 1e-3  # the merge itself is exact
+    q = r["qlora"]
+    assert q["base_vs_4bit_base"]["mean_kld"] > 1e-3 and q["merged_vs_4bit"]["mean_kld"] > 1e-3  # NF4 is lossy
+    tok = hf[0]
+    seqs = check_sequences(tok, val, 512)
+    trained = PeftModel.from_pretrained(load_base(Path(run1["manifest"]["inputs"]["base_model"]["path"]), "qlora",
+                                                  "cpu")[0], adapter).eval()
+    merged, _ = load_base(tmp_path / "m" / "merged", "lora", "cpu")
+    cmp = compare_logits(token_logits(trained, seqs), token_logits(merged, seqs))
+    assert cmp["top1_agreement"] == pytest.approx(q["merged_vs_4bit"]["top1_agreement"], abs=0.01)
+    assert cmp["max_abs_diff"] == pytest.approx(q["merged_vs_4bit"]["max_abs_diff"], rel=0.05)
+    assert torch.isfinite(torch.tensor(q["nll_4bit"])) and q["nll_merged"] > 0
+
+
+def test_weighted_combination_of_two_adapters_is_exact(run1, qlora_run, tmp_path):
+    """`cat` combination: merged W == W0 + sum_i w_i * (alpha_i / r_i) * B_i A_i, checked from the adapter files
+    for every adapted matrix; the merge stage's own logit check passes too."""
+    from safetensors.torch import load_file
+
+    a1, a2 = run1["dir"] / "adapter", qlora_run[0] / "adapter"
+    val = run1["dir"] / "stages" / "data" / "val.jsonl"
+    proc = subprocess.run([*FTX, "merge", "--base", "smollm2-135m-instruct", "--adapter", str(a1), "--weight", "0.6",
+                           "--combine", f"{a2}:0.7", "--val", str(val), "--out", str(tmp_path / "m")],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    r = json.loads((tmp_path / "m" / "merge.json").read_text())
+    assert [a["weight"] for a in r["adapters"]] == [0.6, 0.7] and r["max_abs_logit_diff"] < 1e-3
+    base = load_file(Path(run1["manifest"]["inputs"]["base_model"]["path"]) / "model.safetensors")
+    merged = load_file(tmp_path / "m" / "merged" / "model.safetensors")
+    expected = {k: v.float().clone() for k, v in base.items()}
+    for adir, w in ((a1, 0.6), (a2, 0.7)):
+        cfg = json.loads((adir / "adapter_config.json").read_text())
+        ad = load_file(adir / "adapter_model.safetensors")
+        for ka in [k for k in ad if ".lora_A." in k]:
+            target = ka.split("base_model.model.", 1)[1].split(".lora_A.")[0] + ".weight"
+            expected[target] += w * cfg["lora_alpha"] / cfg["r"] * ad[ka.replace("lora_A", "lora_B")] @ ad[ka]
+    changed = [k for k in base if not base[k].float().equal(expected[k])]
+    assert len(changed) >= 30 * 7  # all-linear in every layer (attention also from the second adapter)
+    assert max((merged[k] - expected[k]).abs().max().item() for k in changed) < 1e-5
 
 
 def test_training_killed_with_sigkill_resumes_to_the_same_loss(run1, tmp_path):

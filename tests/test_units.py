@@ -79,13 +79,3 @@ def test_summarize_counts_errors_and_tokens():
     assert (s.requests, s.ok, s.errors, s.output_tokens) == (5, 4, 1, 40)
     assert s.output_tokens_per_s == 20.0 and s.token_source == "usage"
     assert s.e2e_s["p50"] == pytest.approx(np.percentile([1.5, 2.5, 3.5, 4.5], 50))
-
-
-def test_chat_family_and_default_system():
-    chatml = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
-              "{{ '<|im_start|>system\nYou are SmolLM<|im_end|>\n' }}{% endif %}"
-              "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}")
-    assert export.chat_family(chatml) == "chatml"
-    assert export.default_system(chatml) == "You are SmolLM"
-    assert export.chat_family("{{ bos_token }}[INST] {{ m }} [/INST]") is None
-    assert export.chat_family(None) is None

@@ -73,14 +73,14 @@ def write_run_dir(recipe, runner, inputs, config, overrides, started, wall_s, ve
         if "export" in runner.runs:
             for f in runner.runs["export"].result["files"]:
                 _link(runner.path("export", f["file"]), tmp / f["file"])
-            if runner.runs["export"].result.get("modelfile"):
-                shutil.copy(runner.path("export", "Modelfile"), tmp / "Modelfile")
             lora = runner.runs["export"].result.get("lora")
+            for mf in ("Modelfile", "Modelfile.adapter"):  # with their template proofs (also when unproven)
+                for f in (mf, f"{mf}.proof.json"):
+                    if runner.path("export", f).exists():
+                        shutil.copy(runner.path("export", f), tmp / f)
             if lora:
                 for f in (lora["base_file"], lora["adapter_file"]):
                     _link(runner.path("export", f), tmp / f)
-                if lora.get("modelfile"):
-                    shutil.copy(runner.path("export", lora["modelfile"]), tmp / lora["modelfile"])
         manifest = {
             "ftx_version": versions["ftx"], "run_id": run_id, "recipe": recipe.name, "started": created,
             "finished": datetime.now(started.tzinfo).isoformat(timespec="seconds"), "wall_s": wall_s,

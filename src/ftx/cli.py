@@ -190,34 +190,99 @@ def data_inspect(file, base_model, max_seq_len, fmt, png, n_examples):
               help="JSONL conversations for the equivalence check")
 @click.option("--out", required=True, type=click.Path(path_type=Path))
 @click.option("--max-logit-diff", default=1e-3, show_default=True)
-def merge(base_model, adapter, val_file, out, max_logit_diff):
-    """Merge a LoRA adapter into its base (fp32 on CPU) and verify the logits."""
+@click.option("--qlora", is_flag=True, help="the adapter was trained on the 4-bit base: report the difference")
+@click.option("--weight", default=1.0, show_default=True, help="weight of --adapter when combining")
+@click.option("--combine", "combine", multiple=True, metavar="DIR[:WEIGHT]",
+              help="another adapter to add (weighted combination; repeatable)")
+@click.option("--combination", type=click.Choice(["cat", "linear", "svd"]), default="cat", show_default=True)
+def merge(base_model, adapter, val_file, out, max_logit_diff, qlora, weight, combine, combination):
+    """Merge a LoRA adapter (or several, weighted) into its base (fp32 on CPU) and verify the logits."""
     from . import basemodel
-    from .merge import MergeConfig, run
+    from .merge import Combine, MergeConfig, WeightedAdapter, run
     from .util import atomic_dir
 
+    extra = []
+    for spec in combine:
+        path, _, w = spec.rpartition(":") if ":" in spec else (spec, "", "1")
+        try:
+            extra.append(WeightedAdapter(path=Path(path), weight=float(w)))
+        except ValueError:
+            raise click.BadParameter(f"{spec!r}: expected DIR or DIR:WEIGHT", param_hint="--combine") from None
+    cfg = MergeConfig(max_logit_diff=max_logit_diff,
+                      combine=Combine(weight=weight, adapters=extra, method=combination) if extra else None)
     with atomic_dir(out) as tmp:
-        r = run(MergeConfig(max_logit_diff=max_logit_diff), basemodel.resolve(base_model), adapter, val_file, tmp)
+        r = run(cfg, basemodel.resolve(base_model), adapter, val_file, tmp, method="qlora" if qlora else "lora")
         (tmp / "merge.json").write_text(r.model_dump_json(indent=2))
     click.echo(r.model_dump_json(indent=2))
 
 
 @cli.command()
-@click.option("--model", "model_dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--val", "val_file", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--model", "model_dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="merged HF model directory")
+@click.option("--val", "val_file", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="JSONL conversations: top-1 check vs HF, and the quality gate's evaluation text")
+@click.option("--heldout", "heldout_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="more evaluation conversations for the quality gate")
 @click.option("--out", required=True, type=click.Path(path_type=Path))
 @click.option("--name", default="model", show_default=True)
-@click.option("--quant", "quants", multiple=True, default=("q8_0", "q4_k_m"), show_default=True)
-@click.option("--num-ctx", default=2048, show_default=True)
-def export(model_dir, val_file, out, name, quants, num_ctx):
-    """HF model directory -> f16 GGUF -> quantized GGUFs + Modelfile, with agreement checks."""
-    from .export import ExportConfig, run
+@click.option("--quant", "quants", multiple=True, default=("q8_0", "q6_k", "q5_k_m", "q4_k_m"), show_default=True)
+@click.option("--num-ctx", default=2048, show_default=True, help="Modelfile num_ctx (training sequence length)")
+@click.option("--max-mean-kld", type=float, default=0.05, show_default=True, help="quality gate budget")
+@click.option("--max-ppl-ratio", type=float, default=1.05, show_default=True, help="quality gate budget")
+@click.option("--no-gate", is_flag=True, help="keep every quant, select the smallest")
+@click.option("--imatrix", "calib_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="calibration conversations (JSONL) for an importance matrix")
+@click.option("--lora-adapter", "adapter_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              default=None, help="also export this peft adapter as a GGUF LoRA (needs --base)")
+@click.option("--base", "base_model", default=None, help="base model of --lora-adapter (packaged name or HF dir)")
+def export(model_dir, val_file, heldout_file, out, name, quants, num_ctx, max_mean_kld, max_ppl_ratio, no_gate,
+           calib_file, adapter_dir, base_model):
+    """HF model directory -> f16 GGUF -> quantized GGUFs (quality gate) + proven Modelfile."""
+    from . import basemodel
+    from .export import ExportConfig, QualityGate, run
     from .util import atomic_dir
 
+    if adapter_dir and not base_model:
+        raise click.UsageError("--lora-adapter needs --base")
+    cfg = ExportConfig(quants=list(quants), imatrix=calib_file is not None, lora_adapter=adapter_dir is not None,
+                       quality_gate=None if no_gate else QualityGate(max_mean_kld=max_mean_kld,
+                                                                     max_ppl_ratio=max_ppl_ratio))
     with atomic_dir(out) as tmp:
-        r = run(ExportConfig(quants=list(quants)), model_dir, val_file, name, num_ctx, tmp)
+        r = run(cfg, model_dir, val_file, name, num_ctx, tmp, heldout_file=heldout_file,
+                base_dir=basemodel.resolve(base_model) if base_model else None, adapter_dir=adapter_dir,
+                calib_file=calib_file)
         (tmp / "export.json").write_text(r.model_dump_json(indent=2))
     click.echo(r.model_dump_json(indent=2))
+
+
+@cli.command()
+@click.option("--model", "model_dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="HF model directory (tokenizer, chat template, generation_config)")
+@click.option("--gguf", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--adapter", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="GGUF LoRA adapter (ADAPTER line)")
+@click.option("--name", default="model", show_default=True)
+@click.option("--num-ctx", default=2048, show_default=True, help="training sequence length")
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="default: Modelfile next to the GGUF")
+def modelfile(model_dir, gguf, adapter, name, num_ctx, out):
+    """Write an Ollama Modelfile whose TEMPLATE is proven: HF template, Go template and llama.cpp agree."""
+    from rich.table import Table
+    from transformers import AutoTokenizer
+
+    from . import modelfile as mf
+
+    out = out or gguf.parent / "Modelfile"
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    proof = mf.write(tok, model_dir, gguf, name, num_ctx, out, adapter=adapter)
+    table = Table(title=f"template proof: {proof.family or 'no family proven'}")
+    for col in ("conversation", "HF = Go = llama.cpp", "tokens", "detail"):
+        table.add_column(col)
+    for r in proof.rows:
+        table.add_row(r.conversation, r.status, str(r.tokens or ""), r.detail or "")
+    _console().print(table)
+    if not proof.proven:
+        raise FtxError(f"no Modelfile written: {proof.reason}", where=str(model_dir))
+    click.echo(str(out))
 
 
 # --------------------------------------------------------------------------------------------- serve / bench

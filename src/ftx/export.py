@@ -24,11 +24,11 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from . import modelfile
 from .errors import FtxError
 
 # ftx quant name -> llama-quantize type name, largest first
 QUANT_FTYPES = {"q8_0": "Q8_0", "q6_k": "Q6_K", "q5_k_m": "Q5_K_M", "q4_k_m": "Q4_K_M", "q4_0": "Q4_0"}
-MODELFILE_DIR = Path(__file__).resolve().parents[2] / "modelfiles"
 
 
 class QualityGate(BaseModel):
@@ -84,6 +84,7 @@ class LoraGguf(BaseModel):
     top1_agreement: float = Field(description="llama.cpp base+adapter vs the HF model, validation tokens")
     max_abs_logit_diff: float
     modelfile: str | None = None
+    modelfile_note: str | None = None
 
 
 class ExportResult(BaseModel):
@@ -95,7 +96,8 @@ class ExportResult(BaseModel):
     lineage: str | None = None
     lora: LoraGguf | None = None
     modelfile: str | None
-    modelfile_note: str | None = None
+    modelfile_family: str | None = None
+    modelfile_note: str | None = Field(None, description="why no Modelfile was written (the template proof failed)")
 
 
 # bits per weight of each quant (llama.cpp's quantize table), for the disk-space check
@@ -308,39 +310,6 @@ def gguf_logits(path: Path, seqs: list[list[int]], lora: Path | None = None):
     return np.concatenate([logits for logits, _ in gguf_scores(path, seqs, lora)])
 
 
-def chat_family(chat_template: str | None) -> str | None:
-    if chat_template and "<|im_start|>" in chat_template and "<|im_end|>" in chat_template:
-        return "chatml"
-    return None
-
-
-def default_system(chat_template: str) -> str | None:
-    """A system prompt the template injects when the conversation has none (SmolLM2 does this)."""
-    m = re.search(r"<\|im_start\|>system\n(.*?)<\|im_end\|>", chat_template, re.DOTALL)
-    return m.group(1) if m and "{{" not in m.group(1) else None
-
-
-def write_modelfile(tok, gguf_name: str, name: str, num_ctx: int, dst: Path,
-                    adapter: str | None = None) -> tuple[str | None, str | None]:
-    """Render the Modelfile of the template's family; returns (file name, note). No family -> no guess."""
-    from jinja2 import Environment, FileSystemLoader, StrictUndefined
-
-    family = chat_family(tok.chat_template)
-    if family is None:
-        return None, "chat template family not recognized: no Modelfile written (ftx writes only templates it knows)"
-    stops = []
-    for t in (tok.eos_token, "<|im_end|>", "<|im_start|>"):
-        if t and t not in stops:
-            stops.append(t)
-    env = Environment(loader=FileSystemLoader(MODELFILE_DIR), undefined=StrictUndefined, keep_trailing_newline=True)
-    text = env.get_template(f"{family}.Modelfile.j2").render(
-        name=name, gguf=f"./{gguf_name}", system=default_system(tok.chat_template), stops=stops, num_ctx=num_ctx,
-        adapter=f"./{adapter}" if adapter else None, file=dst.name,
-    )
-    dst.write_text(text)
-    return dst.name, None
-
-
 def export_lora(cfg: ExportConfig, base_dir: Path, adapter_dir: Path, seqs, ref, tok, name: str, num_ctx: int,
                 out: Path) -> LoraGguf:
     """Base model -> f16 GGUF, adapter -> GGUF LoRA; llama.cpp base+adapter logits must match the HF model
@@ -354,15 +323,17 @@ def export_lora(cfg: ExportConfig, base_dir: Path, adapter_dir: Path, seqs, ref,
     if cmp["top1_agreement"] < cfg.min_top1_agreement:
         raise FtxError(f"llama.cpp base + {adapter_gguf.name} agrees with the HF model on only "
                        f"{cmp['top1_agreement']:.1%} of validation tokens (< export.min_top1_agreement)")
-    modelfile, _ = write_modelfile(tok, base_gguf.name, name, num_ctx, out / "Modelfile.adapter", adapter_gguf.name)
+    proof = modelfile.write(tok, base_dir, base_gguf, name, num_ctx, out / "Modelfile.adapter", adapter=adapter_gguf)
     return LoraGguf(base_file=base_gguf.name, adapter_file=adapter_gguf.name,
                     adapter_size_bytes=adapter_gguf.stat().st_size, top1_agreement=cmp["top1_agreement"],
-                    max_abs_logit_diff=cmp["max_abs_diff"], modelfile=modelfile)
+                    max_abs_logit_diff=cmp["max_abs_diff"],
+                    modelfile="Modelfile.adapter" if proof.proven else None, modelfile_note=proof.reason)
 
 
 def run(cfg: ExportConfig, merged_dir: Path, val_file: Path, name: str, num_ctx: int, out: Path,
         heldout_file: Path | None = None, lineage: str | None = None, base_model: str | None = None,
         base_dir: Path | None = None, adapter_dir: Path | None = None, calib_file: Path | None = None) -> ExportResult:
+    from rich.console import Console
     from rich.progress import Progress
 
     from .eval import check_sequences, compare_logits, token_logits
@@ -431,11 +402,14 @@ def run(cfg: ExportConfig, merged_dir: Path, val_file: Path, name: str, num_ctx:
     mf_quant = selected if cfg.modelfile_quant == "auto" else cfg.modelfile_quant
     if mf_quant not in [f.name for f in files]:
         raise FtxError(f"export.modelfile_quant {mf_quant!r} is not among the exported files")
-    modelfile, note = write_modelfile(tok, f"model-{mf_quant}.gguf", name, num_ctx, out / "Modelfile")
+    with Console(stderr=True).status(f"Modelfile: proving the chat template on model-{mf_quant}.gguf"):
+        proof = modelfile.write(tok, merged_dir, out / f"model-{mf_quant}.gguf", name, num_ctx, out / "Modelfile")
     lora = None
     if cfg.lora_adapter:
         if base_dir is None or adapter_dir is None:
             raise FtxError("export.lora_adapter needs the base model and the adapter (run it from a recipe)")
         lora = export_lora(cfg, base_dir, adapter_dir, seqs, ref, tok, name, num_ctx, out)
     return ExportResult(lora=lora, files=files, selected=selected, gate=cfg.quality_gate, eval_tokens=eval_tokens,
-                        imatrix=imatrix.name if imatrix else None, lineage=lineage, modelfile=modelfile, modelfile_note=note)
+                        imatrix=imatrix.name if imatrix else None, lineage=lineage,
+                        modelfile="Modelfile" if proof.proven else None, modelfile_family=proof.family,
+                        modelfile_note=proof.reason)

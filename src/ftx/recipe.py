@@ -149,6 +149,13 @@ def load(path: Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
                 where = f"override {where!r}" if where else f"{path}:{lines.get(loc, '?')}"
                 raise FtxError(f"{'.'.join(loc)}: file not found: {full}", where=where)
             setattr(cfg, key, full)
+    for i, a in enumerate(recipe.merge.combine.adapters if recipe.merge.combine else []):
+        full = a.path if a.path.is_absolute() else (base / a.path).resolve()
+        if not (full / "adapter_config.json").is_file():
+            loc = ("merge", "combine", "adapters", i, "path")
+            raise FtxError(f"merge.combine.adapters.{i}.path: not a peft adapter directory: {full}",
+                           where=f"{path}:{lines.get(loc, lines.get(loc[:-1], '?'))}")
+        a.path = full
     return recipe
 
 
@@ -308,9 +315,12 @@ def run(recipe_path: Path, overrides: tuple[str, ...] = (), force: tuple[str, ..
         runner.run("eval", k["eval"], lambda out: eval.run(recipe.eval, base_dir, adapter, val_file, heldout_file, msl))
     if stop_at >= STAGES.index("merge"):
         license = recipe.license or basemodel.LICENSES.get(recipe.base_model)
-        k["merge"] = runner.key("merge", {**recipe.merge.model_dump(mode="json"), "license": license}, [k["adapter"]])
+        merge_cfg = {**recipe.merge.model_dump(mode="json"), "license": license, "method": recipe.train.method,
+                     "combined": [sha256_tree(a.path) for a in recipe.merge.combine.adapters] if recipe.merge.combine else []}
+        k["merge"] = runner.key("merge", merge_cfg, [k["adapter"]])
         runner.run("merge", k["merge"], lambda out: merge.run(recipe.merge, base_dir, adapter, val_file, out,
-                                                              recipe.name, recipe.base_model, license))
+                                                              recipe.name, recipe.base_model, license,
+                                                              recipe.train.method))
         merged = runner.path("merge", runner.runs["merge"].result["merged_dir"])
     if stop_at >= STAGES.index("export"):
         export_cfg = {**recipe.export.model_dump(mode="json"), "name": recipe.name, "num_ctx": msl}

@@ -94,7 +94,8 @@ def _tail(log: Path, n: int = 3) -> str:
 
 
 @contextlib.contextmanager
-def running(cfg: ServeConfig, gguf: Path, model_name: str, log: Path, on_wait=None) -> Iterator[Endpoint]:
+def running(cfg: ServeConfig, gguf: Path, model_name: str, log: Path, on_wait=None,
+            extra_args: tuple[str, ...] = ()) -> Iterator[Endpoint]:
     """Start llama-server for `gguf`, wait until /health is 200, yield the endpoint, always shut it down."""
     from . import llamacpp
 
@@ -110,6 +111,7 @@ def running(cfg: ServeConfig, gguf: Path, model_name: str, log: Path, on_wait=No
            "--api-key", key, "--no-webui"]
     if cfg.threads:
         cmd += ["-t", str(cfg.threads)]
+    cmd += list(extra_args)
     log.parent.mkdir(parents=True, exist_ok=True)
     logf = open(log, "w")
     proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
