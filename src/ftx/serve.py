@@ -94,6 +94,33 @@ def _tail(log: Path, n: int = 3) -> str:
 
 
 @contextlib.contextmanager
+def launch(cmd: list[str], host: str, port: int, key: str, model_name: str, log: Path, timeout_s: float,
+           engine: str, env: dict | None = None, on_wait=None) -> Iterator[Endpoint]:
+    """Start an engine process, wait until its /health is 200, yield the endpoint, always shut it down."""
+    if port_in_use(host, port):
+        raise FtxError(f"port {port} on {host} is already in use (serve.port)")
+    log.parent.mkdir(parents=True, exist_ok=True)
+    logf = open(log, "w")
+    proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            start_new_session=True, env=env)
+    base = f"http://{host}:{port}"
+    try:
+        deadline = time.monotonic() + timeout_s
+        while _health(base) != 200:
+            if proc.poll() is not None:
+                raise FtxError(f"{engine} exited with code {proc.returncode} while loading {model_name}: {_tail(log)}")
+            if time.monotonic() > deadline:
+                raise FtxError(f"{engine} not ready after {timeout_s:.0f}s (startup_timeout_s); log: {log}")
+            if on_wait:
+                on_wait()
+            time.sleep(0.25)
+        yield Endpoint(base_url=f"{base}/v1", api_key=key, model=model_name, process=proc, log=log)
+    finally:
+        stop(proc)
+        logf.close()
+
+
+@contextlib.contextmanager
 def running(cfg: ServeConfig, gguf: Path, model_name: str, log: Path, on_wait=None,
             extra_args: tuple[str, ...] = ()) -> Iterator[Endpoint]:
     """Start llama-server for `gguf`, wait until /health is 200, yield the endpoint, always shut it down."""
@@ -103,8 +130,6 @@ def running(cfg: ServeConfig, gguf: Path, model_name: str, log: Path, on_wait=No
 
     check_gguf(gguf)
     port = cfg.port or free_port(cfg.host)
-    if port_in_use(cfg.host, port):
-        raise FtxError(f"port {port} on {cfg.host} is already in use (serve.port)")
     key = cfg.api_key or os.environ.get("FTX_API_KEY") or f"ftx-{secrets.token_hex(16)}"
     cmd = [str(llamacpp.tool("llama-server")), "-m", str(gguf), "--host", cfg.host, "--port", str(port),
            "-np", str(cfg.parallel), "-c", str(cfg.ctx_size), "--alias", model_name, "--metrics",
@@ -112,25 +137,9 @@ def running(cfg: ServeConfig, gguf: Path, model_name: str, log: Path, on_wait=No
     if cfg.threads:
         cmd += ["-t", str(cfg.threads)]
     cmd += list(extra_args)
-    log.parent.mkdir(parents=True, exist_ok=True)
-    logf = open(log, "w")
-    proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            start_new_session=True)
-    base = f"http://{cfg.host}:{port}"
-    try:
-        deadline = time.monotonic() + cfg.startup_timeout_s
-        while _health(base) != 200:
-            if proc.poll() is not None:
-                raise FtxError(f"llama-server exited with code {proc.returncode} while loading {gguf}: {_tail(log)}")
-            if time.monotonic() > deadline:
-                raise FtxError(f"llama-server not ready after {cfg.startup_timeout_s:.0f}s (serve.startup_timeout_s); log: {log}")
-            if on_wait:
-                on_wait()
-            time.sleep(0.25)
-        yield Endpoint(base_url=f"{base}/v1", api_key=key, model=model_name, process=proc, log=log)
-    finally:
-        stop(proc)
-        logf.close()
+    with launch(cmd, cfg.host, port, key, model_name, log, cfg.startup_timeout_s, "llama-server",
+                on_wait=on_wait) as ep:
+        yield ep
 
 
 def stop(proc: subprocess.Popen, timeout: float = 10) -> None:
@@ -166,8 +175,9 @@ def check(endpoint: Endpoint, heldout: list[list[dict]], regex: str | None, max_
     }
 
 
-def serve_forever(cfg: ServeConfig, gguf: Path, model_name: str, log: Path) -> None:
-    """`ftx serve`: run until Ctrl-C / SIGTERM, then shut llama-server down cleanly."""
+def serve_forever(server, what: str, engine: str, generated_key: bool, log: Path) -> None:
+    """`ftx serve`: enter `server` (a context manager yielding an Endpoint: `running(...)` or
+    `serve_vllm.running(...)`), run until Ctrl-C / SIGTERM, then shut the engine down cleanly."""
     from rich.console import Console
 
     console = Console(stderr=True)
@@ -177,20 +187,20 @@ def serve_forever(cfg: ServeConfig, gguf: Path, model_name: str, log: Path) -> N
         stopping["flag"] = True
 
     signal.signal(signal.SIGTERM, on_signal)
-    with contextlib.ExitStack() as server:
-        with console.status(f"loading {gguf.name} into llama-server ..."):
-            ep = server.enter_context(running(cfg, gguf, model_name, log))
+    with contextlib.ExitStack() as stack:
+        with console.status(f"loading {what} into {engine} ..."):
+            ep = stack.enter_context(server)
         try:
             console.print(f"[green]ready[/] {ep.base_url}  model={ep.model}  (log: {log})")
-            if not cfg.api_key and not os.environ.get("FTX_API_KEY"):
+            if generated_key:
                 console.print(f"api key (generated): {ep.api_key}")
             console.print(json.dumps({"base_url": ep.base_url, "model": ep.model}))
             while not stopping["flag"] and ep.process.poll() is None:
                 time.sleep(0.5)
             if ep.process.poll() is not None and not stopping["flag"]:
-                raise FtxError(f"llama-server exited with code {ep.process.returncode}: {_tail(log)}")
+                raise FtxError(f"{engine} exited with code {ep.process.returncode}: {_tail(log)}")
         except KeyboardInterrupt:
             pass
         finally:
-            server.close()  # stops llama-server
-            console.print("llama-server stopped")
+            stack.close()  # stops the engine
+            console.print(f"{engine} stopped")
