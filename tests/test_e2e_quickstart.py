@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -292,8 +293,52 @@ def test_served_model_answers_with_finetuned_behaviour(run1, heldout, tmp_path):
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
-    with pytest.raises(ConnectionRefusedError):  # llama-server is gone: nothing listens on the port any more
+    with pytest.raises(ConnectionRefusedError):  # the gateway is gone: nothing listens on the port any more
         socket.create_connection(("127.0.0.1", port), timeout=5).close()
+    import psutil  # and so is the llama-server behind it
+
+    gguf = str(run1["dir"] / "model-q4_k_m.gguf")
+    assert not [p for p in psutil.process_iter(["cmdline"]) if gguf in (p.info["cmdline"] or [])]
+
+
+def test_llamacpp_endpoint_adapters_by_model_name_and_openai_errors(run1, heldout, tmp_path):
+    """Base GGUF + the GGUF LoRA as two models of one endpoint: chat and completions, streamed and not; the
+    adapter changes the answers; unknown model 404, wrong or missing key 401, /health open."""
+    import openai
+
+    from ftx.errors import FtxError
+    from ftx.serve import ServeConfig, running
+
+    base, lora = run1["dir"] / "base-f16.gguf", run1["dir"] / "adapter-f16.gguf"
+    with running(ServeConfig(adapters={"sft": lora}), base, "base", tmp_path / "server.log") as ep:
+        client = openai.OpenAI(base_url=ep.base_url, api_key=ep.api_key, max_retries=0)
+        assert [m.id for m in client.models.list().data] == ["base", "sft"]
+        p = heldout[0][:-1]
+        answers = {}
+        for model in ("base", "sft"):
+            r = client.chat.completions.create(model=model, messages=p, max_tokens=40, temperature=0)
+            chunks = client.chat.completions.create(model=model, messages=p, max_tokens=40, temperature=0, stream=True)
+            streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+            assert streamed == r.choices[0].message.content
+            answers[model] = streamed
+            c = client.completions.create(model=model, prompt="The capital of France is", max_tokens=8, temperature=0)
+            cs = client.completions.create(model=model, prompt="The capital of France is", max_tokens=8,
+                                           temperature=0, stream=True)
+            assert "".join(x.choices[0].text for x in cs if x.choices) == c.choices[0].text and c.choices[0].text
+        assert REGEX.search(answers["sft"]) and not REGEX.search(answers["base"])
+        with pytest.raises(openai.NotFoundError, match="model_not_found|does not exist"):
+            client.chat.completions.create(model="nope", messages=p, max_tokens=4)
+        for key in ("wrong", ""):
+            req = urllib.request.Request(f"{ep.base_url}/models", headers={"Authorization": f"Bearer {key}"} if key else {})
+            with pytest.raises(urllib.error.HTTPError) as e:
+                urllib.request.urlopen(req, timeout=10)
+            assert e.value.code == 401
+        assert urllib.request.urlopen(ep.base_url.removesuffix("/v1") + "/health", timeout=10).status == 200
+    for adapters, msg in (({"../x": lora}, "adapter name"), ({"x": tmp_path / "missing.gguf"}, "no such file"),
+                          ({"x": base}, "not a GGUF LoRA adapter"), ({"base": lora}, "base model's served name")):
+        with pytest.raises(FtxError, match=msg):
+            with running(ServeConfig(adapters=adapters), base, "base", tmp_path / "bad.log"):
+                pass
 
 
 def test_bench_records_are_real_requests(run1):

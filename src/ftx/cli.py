@@ -290,8 +290,8 @@ def modelfile(model_dir, gguf, adapter, name, num_ctx, out):
 @click.option("--engine", type=click.Choice(["llamacpp", "vllm"]), default="llamacpp", show_default=True)
 @click.option("--gguf", type=click.Path(path_type=Path), help="llamacpp: the GGUF to serve")
 @click.option("--base", "base_model", help="vllm: base model (packaged name or HF directory)")
-@click.option("--adapter", "adapters", multiple=True, metavar="NAME=DIR",
-              help="vllm: a peft adapter served as model NAME (repeatable)")
+@click.option("--adapter", "adapters", multiple=True, metavar="NAME=PATH",
+              help="an adapter served as model NAME (repeatable): llamacpp a GGUF LoRA file, vllm a peft directory")
 @click.option("--name", default=None, help="model name clients send for the base (default: file/dir name)")
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8080, show_default=True)
@@ -310,10 +310,17 @@ def serve(ctx, engine, gguf, base_model, adapters, name, host, port, parallel, c
         return
     from . import serve as srv
 
+    pairs = {}
+    for spec in adapters:
+        n, sep, path = spec.partition("=")
+        if not sep:
+            raise click.BadParameter(f"{spec!r}: expected NAME=PATH", param_hint="--adapter")
+        pairs[n] = path
     if engine == "llamacpp":
         if not gguf:
             raise click.UsageError("--engine llamacpp needs --gguf")
-        cfg = srv.ServeConfig(host=host, port=port, parallel=parallel, ctx_size=ctx_size, api_key=api_key)
+        cfg = srv.ServeConfig(host=host, port=port, parallel=parallel, ctx_size=ctx_size, api_key=api_key,
+                              adapters=pairs)
         name = name or gguf.stem
         server = srv.running(cfg, gguf, name, log := log or Path(f"{gguf.stem}.server.log"))
         what, label = gguf.name, "llama-server"
@@ -322,12 +329,6 @@ def serve(ctx, engine, gguf, base_model, adapters, name, host, port, parallel, c
 
         if not base_model:
             raise click.UsageError("--engine vllm needs --base")
-        pairs = {}
-        for spec in adapters:
-            n, sep, path = spec.partition("=")
-            if not sep:
-                raise click.BadParameter(f"{spec!r}: expected NAME=DIR", param_hint="--adapter")
-            pairs[n] = path
         base_dir = basemodel.resolve(base_model)
         name = name or Path(base_dir).name
         cfg = serve_vllm.VllmConfig(host=host, port=port, api_key=api_key, max_model_len=max_model_len,

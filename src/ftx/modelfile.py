@@ -266,7 +266,7 @@ def prove_with_server(tok, gguf: Path, log: Path, chat_template_file: Path | Non
         return Proof(proven=False, reason="the tokenizer has no chat template")
     extra = ("--jinja", "--chat-template-file", str(chat_template_file)) if chat_template_file else ("--jinja",)
     cfg = ServeConfig(parallel=1, ctx_size=2048, check_prompts=0)
-    with running(cfg, gguf, "template-proof", log, extra_args=extra) as ep:
+    with running(cfg, gguf, "template-proof", log, extra_args=extra, raw=True) as ep:
         return prove(tok, chat_template, LlamaCpp(ep.base_url, ep.api_key))
 
 

@@ -14,10 +14,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import secrets
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -42,6 +44,7 @@ class ServeConfig(BaseModel):
     api_key: str | None = Field(None, description="default: $FTX_API_KEY, else a random key per run")
     startup_timeout_s: float = Field(180, gt=0)
     check_prompts: int = Field(8, ge=0, description="held-out prompts sent through the endpoint")
+    adapters: dict[str, Path] = Field(default_factory=dict, description="model name -> GGUF LoRA adapter file")
 
 
 class ServeResult(BaseModel):
@@ -61,6 +64,40 @@ class Endpoint:
     model: str
     process: subprocess.Popen
     log: Path
+    engine: subprocess.Popen | None = None  # behind a gateway: the engine process
+
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+def check_name(name: str) -> None:
+    if not NAME_RE.match(name):
+        raise FtxError(f"adapter name {name!r}: use 1-64 letters, digits, '.', '_' or '-', starting with a letter "
+                       f"or digit")
+
+
+def check_gguf_lora(name: str, path: Path, base_gguf: Path) -> Path:
+    """A GGUF LoRA adapter for `base_gguf`: valid name, complete GGUF file, general.type adapter, same arch."""
+    from .export import check_gguf
+
+    check_name(name)
+    p = Path(path).expanduser().resolve()
+    if not p.is_file():
+        raise FtxError(f"adapter {name!r}: no such file", where=str(path))
+    check_gguf(p)
+    meta = {}
+    for f in (p, base_gguf):
+        from gguf import GGUFReader
+
+        r = GGUFReader(f)
+        meta[f] = {k: r.fields[k].contents() for k in ("general.type", "general.architecture") if k in r.fields}
+    if meta[p].get("general.type") != "adapter":
+        raise FtxError(f"adapter {name!r}: not a GGUF LoRA adapter (general.type {meta[p].get('general.type')!r})",
+                       where=str(p))
+    if meta[p].get("general.architecture") != meta[base_gguf].get("general.architecture"):
+        raise FtxError(f"adapter {name!r}: architecture {meta[p].get('general.architecture')!r} does not match "
+                       f"the base model's {meta[base_gguf].get('general.architecture')!r}", where=str(p))
+    return p
 
 
 def free_port(host: str) -> int:
@@ -122,24 +159,46 @@ def launch(cmd: list[str], host: str, port: int, key: str, model_name: str, log:
 
 @contextlib.contextmanager
 def running(cfg: ServeConfig, gguf: Path, model_name: str, log: Path, on_wait=None,
-            extra_args: tuple[str, ...] = ()) -> Iterator[Endpoint]:
-    """Start llama-server for `gguf`, wait until /health is 200, yield the endpoint, always shut it down."""
+            extra_args: tuple[str, ...] = (), raw: bool = False) -> Iterator[Endpoint]:
+    """Start llama-server for `gguf` (+ GGUF LoRA adapters) and ftx's gateway in front of it (ftx.gateway),
+    wait until both are healthy, yield the gateway's endpoint, always shut both down. `raw`: llama-server
+    alone on cfg.host:cfg.port (the template proof, the overhead benchmark's baseline)."""
     from . import llamacpp
 
     from .export import check_gguf
 
     check_gguf(gguf)
+    loras = {n: check_gguf_lora(n, p, gguf) for n, p in cfg.adapters.items()}
+    if model_name in loras:
+        raise FtxError(f"adapter name {model_name!r} is the base model's served name")
     port = cfg.port or free_port(cfg.host)
+    if port_in_use(cfg.host, port):
+        raise FtxError(f"port {port} on {cfg.host} is already in use (serve.port)")
     key = cfg.api_key or os.environ.get("FTX_API_KEY") or f"ftx-{secrets.token_hex(16)}"
-    cmd = [str(llamacpp.tool("llama-server")), "-m", str(gguf), "--host", cfg.host, "--port", str(port),
+    inner_host, inner_port = (cfg.host, port) if raw else ("127.0.0.1", free_port("127.0.0.1"))
+    inner_key = key if raw else secrets.token_hex(16)
+    cmd = [str(llamacpp.tool("llama-server")), "-m", str(gguf), "--host", inner_host, "--port", str(inner_port),
            "-np", str(cfg.parallel), "-c", str(cfg.ctx_size), "--alias", model_name, "--metrics",
-           "--api-key", key, "--no-webui"]
+           "--api-key", inner_key, "--no-webui"]
     if cfg.threads:
         cmd += ["-t", str(cfg.threads)]
+    for p in loras.values():
+        cmd += ["--lora", str(p)]
+    if loras:
+        cmd += ["--lora-init-without-apply"]
     cmd += list(extra_args)
-    with launch(cmd, cfg.host, port, key, model_name, log, cfg.startup_timeout_s, "llama-server",
-                on_wait=on_wait) as ep:
-        yield ep
+    with launch(cmd, inner_host, inner_port, inner_key, model_name, log, cfg.startup_timeout_s, "llama-server",
+                on_wait=on_wait) as engine:
+        if raw:
+            yield engine
+            return
+        gw = {"upstream": f"http://127.0.0.1:{inner_port}", "upstream_key": inner_key, "api_key": key,
+              "model": model_name, "adapters": list(loras), "host": cfg.host, "port": port}
+        env = {**os.environ, "FTX_GATEWAY": json.dumps(gw)}
+        with launch([sys.executable, "-m", "ftx.gateway"], cfg.host, port, key, model_name,
+                    log.with_name(log.name + ".gateway"), 60, "ftx gateway", env=env) as ep:
+            ep.engine = engine.process
+            yield ep
 
 
 def stop(proc: subprocess.Popen, timeout: float = 10) -> None:
@@ -195,10 +254,12 @@ def serve_forever(server, what: str, engine: str, generated_key: bool, log: Path
             if generated_key:
                 console.print(f"api key (generated): {ep.api_key}")
             console.print(json.dumps({"base_url": ep.base_url, "model": ep.model}))
-            while not stopping["flag"] and ep.process.poll() is None:
+            procs = [p for p in (ep.process, ep.engine) if p is not None]
+            while not stopping["flag"] and all(p.poll() is None for p in procs):
                 time.sleep(0.5)
-            if ep.process.poll() is not None and not stopping["flag"]:
-                raise FtxError(f"{engine} exited with code {ep.process.returncode}: {_tail(log)}")
+            dead = next((p for p in procs if p.poll() is not None), None)
+            if dead is not None and not stopping["flag"]:
+                raise FtxError(f"{engine} exited with code {dead.returncode}: {_tail(log)}")
         except KeyboardInterrupt:
             pass
         finally:

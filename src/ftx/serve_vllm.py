@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import secrets
 import sys
 import urllib.error
@@ -29,7 +28,6 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from .errors import FtxError
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's accepted --max-lora-rank values
 
 
@@ -49,9 +47,9 @@ class VllmConfig(BaseModel):
 def check_adapter_ref(name: str, path: str | Path, base_dir: Path | None) -> Path:
     """Validate an adapter name and directory; returns the resolved directory."""
     from .merge import check_adapter
+    from .serve import check_name
 
-    if not NAME_RE.match(name):
-        raise FtxError(f"adapter name {name!r}: use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit")
+    check_name(name)
     p = Path(path).expanduser().resolve()
     if not p.is_dir():
         raise FtxError(f"adapter {name!r}: not a directory", where=str(path))
@@ -149,8 +147,9 @@ def add_adapter(base_url: str, api_key: str | None, name: str, path: str | Path)
 
 
 def remove_adapter(base_url: str, api_key: str | None, name: str) -> None:
-    if not NAME_RE.match(name):
-        raise FtxError(f"adapter name {name!r} is not valid")
+    from .serve import check_name
+
+    check_name(name)
     if not any(m["name"] == name and m["parent"] for m in list_adapters(base_url, api_key)):
         raise FtxError(f"no adapter {name!r} on this server")
     _request(base_url, api_key, "POST", "/v1/unload_lora_adapter", {"lora_name": name})

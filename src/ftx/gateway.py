@@ -1,0 +1,110 @@
+"""ftx's serving layer in front of llama-server (`python -m ftx.gateway`, config JSON in $FTX_GATEWAY; started
+by ftx.serve.running, which also starts llama-server).
+
+llama-server alone serves one model under one alias: it answers an unknown `model` with 400 and selects LoRA
+adapters by numeric id in a non-OpenAI `lora` field. The gateway makes the endpoint behave like the OpenAI API
+for several names: the base model and each GGUF LoRA adapter are models (`GET /v1/models`), a request's
+`model` picks the adapter (the gateway sends llama-server explicit scales for every adapter: 1 for the chosen
+one, 0 for the others, since a request without scales would use the global ones), an unknown model gets an
+OpenAI-style 404, and the API key is checked on every route except /health (401 otherwise). Bodies and
+streams (SSE) are passed through unchanged otherwise; llama-server listens on 127.0.0.1 with its own key.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+
+
+def _error(status: int, message: str, type_: str, code: str):
+    from starlette.responses import JSONResponse
+
+    return JSONResponse({"error": {"message": message, "type": type_, "param": None, "code": code}},
+                        status_code=status)
+
+
+def make_app(cfg: dict):
+    """cfg: upstream (http://127.0.0.1:PORT), upstream_key, api_key, model (base name), adapters (names in
+    llama-server's adapter id order), host, port."""
+    import httpx
+    from starlette.applications import Starlette
+    from starlette.background import BackgroundTask
+    from starlette.responses import JSONResponse, Response, StreamingResponse
+    from starlette.routing import Route
+
+    upstream, model, adapters = cfg["upstream"], cfg["model"], cfg["adapters"]
+    names = [model, *adapters]
+    want = f"Bearer {cfg['api_key']}".encode()
+    auth = {"Authorization": f"Bearer {cfg['upstream_key']}"}
+    # no keep-alive to llama-server: its HTTP server closes idle/used-up connections on its own schedule, and a
+    # request sent on a connection it is closing fails (2 errors in 144 requests here before this); a fresh
+    # loopback connection per request costs well under a millisecond
+    client = httpx.AsyncClient(base_url=upstream, timeout=httpx.Timeout(None, connect=10),
+                               limits=httpx.Limits(max_connections=None, max_keepalive_connections=0))
+
+    def authorized(request) -> bool:
+        got = request.headers.get("authorization", "").encode()
+        return secrets.compare_digest(got, want)
+
+    async def forward(request, body: bytes | None):
+        req = client.build_request(request.method, request.url.path, params=request.query_params, content=body,
+                                   headers={**auth, "Content-Type": request.headers.get("content-type", "application/json")})
+        r = await client.send(req, stream=True)
+        return StreamingResponse(r.aiter_raw(), status_code=r.status_code, background=BackgroundTask(r.aclose),
+                                 headers={k: v for k, v in r.headers.items() if k.lower() in ("content-type", "cache-control")})
+
+    async def health(request):
+        r = await client.get("/health")
+        return Response(r.content, status_code=r.status_code, media_type="application/json")
+
+    async def models(request):
+        if not authorized(request):
+            return _error(401, "Invalid API key", "authentication_error", "invalid_api_key")
+        data = [{"id": n, "object": "model", "owned_by": "ftx", **({"parent": model} if n != model else {})}
+                for n in names]
+        return JSONResponse({"object": "list", "data": data})
+
+    async def generate(request):
+        if not authorized(request):
+            return _error(401, "Invalid API key", "authentication_error", "invalid_api_key")
+        try:
+            body = json.loads(await request.body())
+        except json.JSONDecodeError as e:
+            return _error(400, f"request body is not JSON: {e}", "invalid_request_error", "invalid_json")
+        name = body.get("model") or model
+        if name not in names:
+            return _error(404, f"The model `{name}` does not exist. Models: {', '.join(names)}",
+                          "invalid_request_error", "model_not_found")
+        body["model"] = model
+        if adapters:
+            body["lora"] = [{"id": i, "scale": 1.0 if a == name else 0.0} for i, a in enumerate(adapters)]
+        return await forward(request, json.dumps(body).encode())
+
+    async def other(request):
+        if not authorized(request):
+            return _error(401, "Invalid API key", "authentication_error", "invalid_api_key")
+        return await forward(request, await request.body())
+
+    routes = [Route("/health", health), Route("/v1/models", models),
+              Route("/v1/chat/completions", generate, methods=["POST"]),
+              Route("/v1/completions", generate, methods=["POST"]),
+              Route("/{path:path}", other, methods=["GET", "POST"])]
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
+        await client.aclose()
+
+    return Starlette(routes=routes, lifespan=lifespan)
+
+
+def main() -> None:
+    import uvicorn
+
+    cfg = json.loads(os.environ.pop("FTX_GATEWAY"))  # keys travel in the environment, not argv or a file
+    uvicorn.run(make_app(cfg), host=cfg["host"], port=cfg["port"], log_level="warning", access_log=False)
+
+
+if __name__ == "__main__":
+    main()
