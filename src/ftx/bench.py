@@ -91,7 +91,8 @@ def _limits(concurrency: int):
     return httpx.Limits(max_connections=concurrency, max_keepalive_connections=0)
 
 
-async def _load(cfg: BenchConfig, base_url: str, api_key: str, model: str, prompts: list[list[dict]], on_done=None):
+async def _load(cfg: BenchConfig, base_url: str, api_key: str, model: str | list[str], prompts: list[list[dict]],
+                on_done=None):
     from openai import AsyncOpenAI, DefaultAsyncHttpxClient
 
     # A fresh connection per request: reusing pooled keep-alive connections made the first request after the
@@ -101,11 +102,13 @@ async def _load(cfg: BenchConfig, base_url: str, api_key: str, model: str, promp
     client = AsyncOpenAI(base_url=base_url, api_key=api_key, max_retries=0, http_client=http)
     sem = asyncio.Semaphore(cfg.concurrency)
     t_origin = time.perf_counter()
+    models = [model] if isinstance(model, str) else list(model)
 
     async def task(i: int) -> dict:
         async with sem:
-            rec = await one_request(client, model, prompts[i % len(prompts)], cfg, t_origin)
-            rec["i"] = i
+            m = models[i % len(models)]  # several names (adapters): round robin
+            rec = await one_request(client, m, prompts[i % len(prompts)], cfg, t_origin)
+            rec["i"], rec["model"] = i, m
             if on_done:
                 on_done()
             return rec
@@ -155,7 +158,8 @@ def plot_cdf(records: list[dict], png: Path) -> None:
     plt.close(fig)
 
 
-def run(cfg: BenchConfig, base_url: str, api_key: str, model: str, prompts: list[list[dict]], out: Path) -> BenchResult:
+def run(cfg: BenchConfig, base_url: str, api_key: str, model: str | list[str], prompts: list[list[dict]],
+        out: Path) -> BenchResult:
     from rich.progress import Progress
 
     with Progress() as progress:
