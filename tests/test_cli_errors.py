@@ -28,9 +28,9 @@ def test_unknown_key(recipe_copy, tmp_path):
 
 
 def test_wrong_type(recipe_copy, tmp_path):
-    recipe_copy.write_text(recipe_copy.read_text().replace("concurrency: 4", "concurrency: [4]"))
+    recipe_copy.write_text(recipe_copy.read_text().replace("  warmup: 2\n", "  warmup: [2]\n"))
     proc = run_cli("recipe", "run", recipe_copy, f"output_dir={tmp_path / 'out'}")
-    assert_clean_failure(proc, tmp_path / "out", rf"{re.escape(str(recipe_copy))}:\d+: bench\.concurrency: .*integer.*")
+    assert_clean_failure(proc, tmp_path / "out", rf"{re.escape(str(recipe_copy))}:\d+: bench\.warmup: .*integer.*")
 
 
 def test_missing_dataset_file(recipe_copy, tmp_path):

@@ -15,32 +15,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from .conftest import FTX, RECIPE
+from .conftest import BENCH_REQUESTS, FTX, RECIPE, STEPS, ftx_cmd, ftx_run
 
 pytestmark = pytest.mark.e2e
-STEPS = 20
-BENCH_REQUESTS = 12
 REGEX = re.compile(r'\{"category": "(math|geography|language|units)", "answer": "[^"]*"\}')
 
 
-def ftx_cmd(out, *extra):
-    return [*FTX, "recipe", "run", str(RECIPE), f"train.max_steps={STEPS}", "train.eval_every=10",
-            f"bench.requests={BENCH_REQUESTS}", f"output_dir={out}", *extra]
-
-
-def ftx_run(out, *extra):
-    proc = subprocess.run(ftx_cmd(out, *extra), capture_output=True, text=True, timeout=2400)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    run_dir = Path(proc.stdout.strip().splitlines()[-1]).parent
-    return run_dir, json.loads((run_dir / "manifest.json").read_text())
-
-
 @pytest.fixture(scope="module")
-def run1(tmp_path_factory):
-    out = tmp_path_factory.mktemp("e2e") / "runs"
-    run_dir, manifest = ftx_run(out)
-    card = json.loads((run_dir / "run_card.json").read_text())
-    return {"out": out, "dir": run_dir, "manifest": manifest, "card": card}
+def run1(quickstart_run):
+    return quickstart_run
 
 
 @pytest.fixture(scope="module")
@@ -266,8 +249,13 @@ def test_served_model_answers_with_finetuned_behaviour(run1, heldout, tmp_path):
 
     assert run1["card"]["serve"]["format_rate"] >= 0.75, run1["card"]["serve"]
     port, key = free_port(), "test-key-123"
-    proc = subprocess.Popen([*FTX, "serve", "--gguf", str(run1["dir"] / "model-q4_k_m.gguf"), "--name", "qs",
-                             "--port", str(port), "--api-key", key, "--log", str(tmp_path / "server.log")],
+    # a serve config (serve/edge.yaml's shape) whose port the --port flag overrides; paths relative to the file
+    cfg = tmp_path / "edge.yaml"
+    gguf = Path(run1["dir"] / "model-q4_k_m.gguf")
+    (tmp_path / "model.gguf").symlink_to(gguf)
+    cfg.write_text("engine: llamacpp\nname: qs\ngguf: model.gguf\nport: 1\nllamacpp: {parallel: 2}\n")
+    proc = subprocess.Popen([*FTX, "serve", "--config", str(cfg), "--port", str(port), "--api-key", key,
+                             "--log", str(tmp_path / "server.log")],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.time() + 180
@@ -297,8 +285,7 @@ def test_served_model_answers_with_finetuned_behaviour(run1, heldout, tmp_path):
         socket.create_connection(("127.0.0.1", port), timeout=5).close()
     import psutil  # and so is the llama-server behind it
 
-    gguf = str(run1["dir"] / "model-q4_k_m.gguf")
-    assert not [p for p in psutil.process_iter(["cmdline"]) if gguf in (p.info["cmdline"] or [])]
+    assert not [p for p in psutil.process_iter(["cmdline"]) if str(gguf.resolve()) in (p.info["cmdline"] or [])]
 
 
 def test_llamacpp_endpoint_adapters_by_model_name_and_openai_errors(run1, heldout, tmp_path):
@@ -341,19 +328,52 @@ def test_llamacpp_endpoint_adapters_by_model_name_and_openai_errors(run1, heldou
                 pass
 
 
-def test_bench_records_are_real_requests(run1):
+def test_bench_sweep_goodput_and_cost_from_real_requests(run1):
+    """The recipe's bench: a concurrency sweep whose every figure is recomputed here from records.jsonl."""
+    import yaml
+
     bench_dir = run1["dir"] / "stages" / "bench"
     records = [json.loads(line) for line in open(bench_dir / "records.jsonl")]
     summary = json.loads((bench_dir / "summary.json").read_text())
-    assert len(records) == BENCH_REQUESTS and sorted(r["i"] for r in records) == list(range(BENCH_REQUESTS))
-    assert all(r["ok"] and r["output_tokens"] > 0 and 0 < r["ttft_s"] <= r["e2e_s"] for r in records)
-    for key in ("ttft_s", "e2e_s"):
-        vals = [r[key] for r in records]
-        for p in (50, 90, 99):
-            assert summary[key][f"p{p}"] == pytest.approx(np.percentile(vals, p))
-    assert summary["output_tokens"] == sum(r["output_tokens"] for r in records)
-    assert run1["card"]["bench"]["e2e_s"]["p99"] == summary["e2e_s"]["p99"]
-    assert (run1["dir"] / "latency_cdf.png").read_bytes()[:4] == b"\x89PNG"
+    cfg = run1["manifest"]["config"]["bench"]
+    levels = cfg["sweep"]
+    assert [lv["level"] for lv in summary["targets"][0]["levels"]] == levels == [1, 2, 4, 8]
+    assert len(records) == BENCH_REQUESTS * len(levels)
+    slo = cfg["slo"]
+    for lv in summary["targets"][0]["levels"]:
+        recs = [r for r in records if r["level"] == lv["level"]]
+        s = lv["summary"]
+        assert sorted(r["i"] for r in recs) == list(range(BENCH_REQUESTS))
+        assert all(r["ok"] and r["token_source"] == "usage" and r["output_tokens"] > 0 and r["input_tokens"] > 0
+                   and 0 < r["ttft_s"] <= r["e2e_s"] for r in recs)
+        # the server never has more than `level` requests of this client: starts and ends interleave that way
+        events = sorted([(r["start_s"], 1) for r in recs] + [(r["start_s"] + r["e2e_s"], -1) for r in recs])
+        assert max(np.cumsum([e for _, e in events])) <= lv["level"]
+        for key in ("ttft_s", "e2e_s"):
+            vals = [r[key] for r in recs]
+            for p in (50, 90, 95, 99):
+                assert s[key][f"p{p}"] == pytest.approx(np.percentile(vals, p))
+        gaps = [g for r in recs for g in r["itl_s"]]
+        assert s["itl_s"]["n"] == len(gaps) and s["itl_s"]["p99"] == pytest.approx(np.percentile(gaps, 99))
+        good = [r for r in recs if r["ttft_s"] <= slo["ttft_ms"] / 1000 and (r["tpot_s"] is None or r["tpot_s"] <= slo["tpot_ms"] / 1000)]
+        assert s["goodput"]["requests"] == len(good)
+        assert s["goodput"]["output_tokens_per_s"] == pytest.approx(sum(r["output_tokens"] for r in good) / s["wall_s"])
+        meets = (np.percentile([r["ttft_s"] for r in recs], 99) <= slo["ttft_ms"] / 1000
+                 and np.percentile([r["tpot_s"] for r in recs if r["tpot_s"]], 99) <= slo["tpot_ms"] / 1000)
+        assert s["meets_slo"] == meets
+    passing = [lv["level"] for lv in summary["targets"][0]["levels"] if lv["summary"]["meets_slo"]]
+    assert (summary["best"] or {}).get("level") == (max(passing) if passing else None)
+    if summary["best"]:  # $ per 1M tokens from the goodput and the hardware profile (an always-on cloud VM)
+        hw = yaml.safe_load(open(cfg["hardware"]))
+        g = summary["best"]["summary"]["goodput"]
+        tokens = (g["input_tokens_per_s"] + g["output_tokens_per_s"]) * 3600 * 730 * hw["utilization"]
+        assert summary["cost"]["usd_per_1m_tokens"] == pytest.approx(hw["usd_per_hour"] * 730 / tokens * 1e6)
+        assert {a["api"] for a in summary["apis"]} >= {"gpt-4o-mini", "claude-haiku-4.5", "gemini-2.5-flash"}
+    md = (run1["dir"] / "run_card.md").read_text()
+    assert "| concurrency | req/s |" in md and "SLO: P99 of TTFT ≤ 1000 ms, TPOT ≤ 100 ms" in md
+    assert ("per 1M tokens" in md and "gpt-4o-mini" in md) if summary["best"] else "No load level met the SLO" in md
+    for png in ("latency_cdf.png", "sweep.png"):
+        assert (run1["dir"] / png).read_bytes()[:4] == b"\x89PNG"
 
 
 def test_second_run_hits_the_cache(run1):
@@ -640,3 +660,29 @@ def test_vllm_hot_add_remove_and_adapter_checks(vllm_server, heldout):
     assert proc.returncode == 2 and "error: /etc: adapter 'x': not a peft adapter directory" in proc.stderr
     with pytest.raises(openai.AuthenticationError):
         _chat(ep, "sft", p, key="wrong-key")
+
+
+def test_vllm_behind_the_gateway_needs_the_key_on_every_route_but_health(vllm_server):
+    """vLLM's own --api-key guards /v1 only: /invocations (full inference), /tokenize and /metrics would be open.
+    ftx's gateway requires the key on all of them; /health stays open for probes."""
+    ep, _, _ = vllm_server
+    root = ep.base_url.removesuffix("/v1")
+    body = json.dumps({"model": "sft", "prompt": "Hi", "max_tokens": 2}).encode()
+    for method, path, data in (("POST", "/invocations", body), ("POST", "/tokenize", b'{"prompt": "hi"}'),
+                               ("GET", "/metrics", None), ("GET", "/version", None), ("GET", "/v1/models", None)):
+        for headers in ({}, {"Authorization": "Bearer wrong"}):
+            req = urllib.request.Request(root + path, data=data, method=method,
+                                         headers={"Content-Type": "application/json", **headers})
+            with pytest.raises(urllib.error.HTTPError) as e:
+                urllib.request.urlopen(req, timeout=30)
+            assert e.value.code == 401, (path, headers)
+    req = urllib.request.Request(root + "/invocations", data=body, method="POST",
+                                 headers={"Content-Type": "application/json", "Authorization": f"Bearer {ep.api_key}"})
+    assert urllib.request.urlopen(req, timeout=120).status == 200  # with the key it reaches vLLM
+    assert urllib.request.urlopen(root + "/health", timeout=30).status == 200
+    import psutil  # and vLLM itself listens on loopback only, on a port of its own
+
+    vllm_cmd = next(p.info["cmdline"] for p in psutil.process_iter(["cmdline"])
+                    if "vllm.entrypoints.openai.api_server" in " ".join(p.info["cmdline"] or []))
+    assert vllm_cmd[vllm_cmd.index("--host") + 1] == "127.0.0.1"
+    assert vllm_cmd[vllm_cmd.index("--port") + 1] != root.rsplit(":", 1)[1]

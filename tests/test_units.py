@@ -1,11 +1,11 @@
-"""Pure-logic unit tests: data validation, splitting, bench statistics, Modelfile helpers."""
+"""Pure-logic unit tests: data validation, splitting, Modelfile helpers (bench: test_bench_units.py)."""
 
 import json
 
 import numpy as np
 import pytest
 
-from ftx import bench, data, export
+from ftx import data, export
 from ftx.errors import FtxError
 
 
@@ -62,20 +62,3 @@ def test_data_stage_writes_nothing_when_input_is_bad(tmp_path):
     with pytest.raises(FtxError):
         data.run(data.DataConfig(path=good, heldout=bad), out)
     assert list(out.iterdir()) == []
-
-
-def test_percentiles_match_numpy():
-    vals = list(np.random.default_rng(0).exponential(0.3, size=200))
-    p = bench.percentiles(vals)
-    assert p["p99"] == pytest.approx(np.percentile(vals, 99)) and p["p50"] == pytest.approx(np.median(vals))
-    assert bench.percentiles([])["p99"] is None
-
-
-def test_summarize_counts_errors_and_tokens():
-    recs = [{"ok": True, "ttft_s": 0.1 * i, "e2e_s": 0.5 + i, "tpot_s": 0.01, "output_tokens": 10, "token_source": "usage"}
-            for i in range(1, 5)]
-    recs.append({"ok": False, "ttft_s": None, "e2e_s": 2.0, "output_tokens": 0, "error": "Timeout"})
-    s = bench.summarize(recs, wall_s=2.0, concurrency=2)
-    assert (s.requests, s.ok, s.errors, s.output_tokens) == (5, 4, 1, 40)
-    assert s.output_tokens_per_s == 20.0 and s.token_source == "usage"
-    assert s.e2e_s["p50"] == pytest.approx(np.percentile([1.5, 2.5, 3.5, 4.5], 50))

@@ -42,6 +42,10 @@ def build_card(recipe, runner, run_id: str, created: str, wall_s: float, version
         card["eval"] = {**card["eval"], "samples": card["eval"]["samples"][:6]}
     if card["serve"]:
         card["serve"] = {**card["serve"], "samples": card["serve"]["samples"][:4]}
+    if card["bench"]:
+        from .bench.report import markdown
+
+        card["bench_md"] = markdown(card["bench"])
     return card
 
 
@@ -62,7 +66,7 @@ def write_run_dir(recipe, runner, inputs, config, overrides, started, wall_s, ve
             _link(Path(r.dir), tmp / "stages" / name)
         # artifacts a user reaches for, at the top of the run dir (links into the cache; plots copied)
         for stage, rel, name in (("train", "loss.png", "loss.png"), ("dpo", "dpo.png", "dpo.png"),
-                                 ("bench", "latency_cdf.png", "latency_cdf.png")):
+                                 ("bench", "latency_cdf.png", "latency_cdf.png"), ("bench", "sweep.png", "sweep.png")):
             if stage in runner.runs and (Path(runner.runs[stage].dir) / rel).exists():
                 shutil.copy(Path(runner.runs[stage].dir) / rel, tmp / name)
         final_adapter = next((s for s in ("dpo", "train") if s in runner.runs), None)
@@ -127,5 +131,9 @@ def headline(name: str, r: dict) -> str:
     if name == "serve":
         return f"ready in {r['startup_s']:.1f}s" + (f", format {100 * r['format_rate']:.0f}%" if r["format_rate"] is not None else "")
     if name == "bench":
-        return f"P99 e2e {1000 * r['e2e_s']['p99']:.0f} ms, {r['output_tokens_per_s']:.1f} tok/s"
+        best = r.get("best")
+        slo = f"highest load meeting the SLO: {best['level']:g}" if best else "no load level meets the SLO"
+        cost = f", ${r['cost']['usd_per_1m_tokens']:.3f}/1M tokens" if r.get("cost") else ""
+        e2e = r["e2e_s"]["p99"]
+        return f"P99 e2e {1000 * e2e:.0f} ms, {r['output_tokens_per_s']:.1f} tok/s; {slo}{cost}" if e2e else slo
     return ""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -286,7 +287,44 @@ def modelfile(model_dir, gguf, adapter, name, num_ctx, out):
 
 
 # --------------------------------------------------------------------------------------------- serve / bench
+# flag -> key of a serve config (serve/*.yaml); a flag given on the command line overrides the config's value
+SERVE_FLAGS = {"engine": "engine", "gguf": "gguf", "base_model": "base_model", "name": "name", "host": "host",
+               "port": "port", "parallel": "llamacpp.parallel", "ctx_size": "llamacpp.ctx_size",
+               "max_model_len": "vllm.max_model_len", "max_loras": "vllm.max_loras"}
+
+
+def _adapter_pairs(adapters) -> dict[str, str]:
+    pairs = {}
+    for spec in adapters:
+        n, sep, path = spec.partition("=")
+        if not sep:
+            raise click.BadParameter(f"{spec!r}: expected NAME=PATH", param_hint="--adapter")
+        pairs[n] = path
+    return pairs
+
+
+def _serve_spec(ctx, config_path, sets, adapters):
+    """The serve config: the file (if any), the flags given on the command line over it, then --set KEY=VALUE."""
+    from click.core import ParameterSource
+
+    from . import deploy
+
+    patch: dict = {}
+    for flag, key in SERVE_FLAGS.items():
+        explicit = ctx.get_parameter_source(flag) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
+        if explicit or (flag == "engine" and config_path is None):
+            section, _, leaf = key.rpartition(".")
+            value = Path(ctx.params[flag]).absolute() if flag == "gguf" else ctx.params[flag]
+            (patch.setdefault(section, {}) if section else patch)[leaf] = value
+    if adapters:  # paths on the command line are relative to the working directory, not to the config file
+        patch["adapters"] = {n: Path(p).absolute() for n, p in _adapter_pairs(adapters).items()}
+    return deploy.load(config_path, sets, patch=patch)
+
+
 @cli.group(invoke_without_command=True)
+@click.option("--config", "config_path", type=click.Path(path_type=Path), default=None,
+              help="a serve config (serve/*.yaml); flags given as well override its values")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="override a config key, e.g. vllm.max_loras=8")
 @click.option("--engine", type=click.Choice(["llamacpp", "vllm"]), default="llamacpp", show_default=True)
 @click.option("--gguf", type=click.Path(path_type=Path), help="llamacpp: the GGUF to serve")
 @click.option("--base", "base_model", help="vllm: base model (packaged name or HF directory)")
@@ -302,40 +340,72 @@ def modelfile(model_dir, gguf, adapter, name, num_ctx, out):
 @click.option("--api-key", envvar="FTX_API_KEY", default=None, help="required on every route but /health [env FTX_API_KEY]")
 @click.option("--log", type=click.Path(path_type=Path), default=None)
 @click.pass_context
-def serve(ctx, engine, gguf, base_model, adapters, name, host, port, parallel, ctx_size, max_model_len, max_loras,
-          api_key, log):
+def serve(ctx, config_path, sets, engine, gguf, base_model, adapters, name, host, port, parallel, ctx_size,
+          max_model_len, max_loras, api_key, log):
     """Serve an OpenAI-compatible endpoint until Ctrl-C: a GGUF on llama-server, or a base model with
-    LoRA adapters on vLLM (`ftx serve adapters ...` manages a running vLLM server)."""
+    LoRA adapters on vLLM, from flags or a serve config (`ftx serve adapters ...` manages a running vLLM
+    server, `ftx serve k8s CONFIG` renders Kubernetes manifests)."""
     if ctx.invoked_subcommand:
         return
+    from . import deploy
     from . import serve as srv
 
-    pairs = {}
-    for spec in adapters:
-        n, sep, path = spec.partition("=")
-        if not sep:
-            raise click.BadParameter(f"{spec!r}: expected NAME=PATH", param_hint="--adapter")
-        pairs[n] = path
-    if engine == "llamacpp":
-        if not gguf:
-            raise click.UsageError("--engine llamacpp needs --gguf")
-        cfg = srv.ServeConfig(host=host, port=port, parallel=parallel, ctx_size=ctx_size, api_key=api_key,
-                              adapters=pairs)
-        name = name or gguf.stem
+    doc = _serve_spec(ctx, config_path, sets, adapters)
+    spec = doc.model
+    gguf, paths = deploy.local_paths(doc)
+    timeout = {"startup_timeout_s": spec.startup_timeout_s} if spec.startup_timeout_s else {}
+    if spec.engine == "llamacpp":
+        cfg = srv.ServeConfig(**spec.llamacpp.model_dump(), host=spec.host, port=spec.port, api_key=api_key,
+                              adapters=paths, **timeout)
+        name = spec.name or gguf.stem
         server = srv.running(cfg, gguf, name, log := log or Path(f"{gguf.stem}.server.log"))
         what, label = gguf.name, "llama-server"
     else:
         from . import basemodel, serve_vllm
 
-        if not base_model:
-            raise click.UsageError("--engine vllm needs --base")
-        base_dir = basemodel.resolve(base_model)
-        name = name or Path(base_dir).name
-        cfg = serve_vllm.VllmConfig(host=host, port=port, api_key=api_key, max_model_len=max_model_len,
-                                    max_loras=max_loras)
-        server = serve_vllm.running(cfg, base_dir, name, pairs, log := log or Path(f"{name}.vllm.log"))
-        what, label = f"{name} + {len(pairs)} adapters", "vLLM"
+        base_dir = basemodel.resolve(spec.base_model)
+        name = spec.name or Path(base_dir).name
+        cfg = serve_vllm.VllmConfig(**spec.vllm.model_dump(), host=spec.host, port=spec.port, api_key=api_key,
+                                    **timeout)
+        server = serve_vllm.running(cfg, base_dir, name, paths, log := log or Path(f"{name}.vllm.log"))
+        what, label = f"{name} + {len(paths)} adapters", "vLLM"
     srv.serve_forever(server, what, label, generated_key=not api_key, log=log)
+
+
+@serve.command("k8s")
+@click.argument("config_path", type=click.Path(path_type=Path))
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="override a config key")
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="write here (default: stdout)")
+@click.option("--k8s-version", default=None, help="validate against this Kubernetes release's schemas [1.33]")
+def serve_k8s(config_path, sets, out, k8s_version):
+    """Render Kubernetes manifests (Deployment with GPUs, probes, gateway sidecar; Service) from a vLLM
+    multi-LoRA serve config, validated against the Kubernetes schemas."""
+    from . import deploy
+    from .serve_vllm import adapter_rank
+    from .util import atomic_write_text
+
+    doc = deploy.load(config_path, sets)
+    spec = doc.model
+    ranks = {}
+    for n, p in spec.adapters.items():
+        local = p if p.is_absolute() else (doc.path.parent / p)
+        if (local / "adapter_config.json").is_file():
+            ranks[n] = adapter_rank(local)
+        elif spec.vllm.max_lora_rank is None:
+            raise FtxError(f"adapters.{n}: {local} is not here to read its LoRA rank; set vllm.max_lora_rank",
+                           where=doc.where(("adapters", n)))
+    docs = deploy.manifests(spec, ranks)
+    deploy.validate(docs, k8s_version or deploy.K8S_VERSION)
+    text = deploy.to_yaml(docs)
+    if out:
+        atomic_write_text(out, text)
+        k = spec.kubernetes or deploy.K8sConfig()
+        _console().print(f"wrote {out}: Deployment + Service `{k.name}`, validated against Kubernetes "
+                         f"{k8s_version or deploy.K8S_VERSION}. Before `kubectl apply -f {out}`: the Secret "
+                         f"(`kubectl create secret generic {k.api_key_secret} --from-literal={k.api_key_secret_key}=...`)"
+                         f" and the PVC `{k.models_pvc}` holding {k.base_path}/ and {k.adapters_path}/<name>/.")
+    else:
+        click.echo(text, nl=False)
 
 
 @serve.group()
@@ -380,33 +450,166 @@ def adapters_remove(name, url, api_key):
     click.echo(f"removed {name}")
 
 
-@cli.command()
-@click.option("--base-url", required=True, help="e.g. http://127.0.0.1:8080/v1")
-@click.option("--model", required=True)
-@click.option("--api-key", envvar="FTX_API_KEY", default="none")
-@click.option("--prompts", required=True, type=click.Path(path_type=Path), help="JSONL chat file")
-@click.option("--requests", default=16, show_default=True)
-@click.option("--concurrency", default=4, show_default=True)
-@click.option("--max-tokens", default=64, show_default=True)
-@click.option("--out", required=True, type=click.Path(path_type=Path))
-def bench(base_url, model, api_key, prompts, requests, concurrency, max_tokens, out):
-    """Streaming load against an OpenAI-compatible endpoint: TTFT / latency percentiles, tokens/s."""
-    import urllib.request
+# flag -> key of a bench config (BenchConfig); given flags override the --config file's values
+BENCH_FLAGS = {"mode": "mode", "concurrency": "concurrency", "rate": "rate", "max_in_flight": "max_in_flight",
+               "requests": "requests", "duration": "duration_s", "warmup": "warmup", "max_tokens": "max_tokens",
+               "api": "api", "assign": "assign", "timeout": "timeout_s", "seed": "seed",
+               "ignore_eos": "ignore_eos", "slo_ttft_ms": "slo.ttft_ms", "slo_tpot_ms": "slo.tpot_ms",
+               "slo_e2e_ms": "slo.e2e_ms", "slo_percentile": "slo.percentile", "hardware": "hardware",
+               "api_prices": "api_prices", "tokenizer": "prompts.tokenizer"}
 
-    from .bench import BenchConfig, run
-    from .data import load_rows
+
+def _csv_floats(ctx, param, value):
+    if value is None:
+        return None
+    try:
+        return [float(x) for x in value.split(",") if x.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: expected numbers separated by commas, e.g. 1,2,4,8") from None
+
+
+@cli.group(invoke_without_command=True)
+@click.option("--base-url", default=None, help="e.g. http://127.0.0.1:8080/v1")
+@click.option("--model", "models", multiple=True, help="model name; several: spread over them (--assign)")
+@click.option("--api-key", envvar="FTX_API_KEY", default="none", help="[env FTX_API_KEY]")
+@click.option("--target", "targets", multiple=True, metavar="NAME=URL@MODEL[,MODEL]",
+              help="bench several endpoints side by side (key: $FTX_API_KEY_<NAME>, else --api-key)")
+@click.option("--config", "config_path", type=click.Path(path_type=Path), default=None, help="a bench config YAML")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="override a config key, e.g. slo.ttft_ms=500")
+@click.option("--prompts", "prompts_file", type=click.Path(path_type=Path), default=None,
+              help="JSONL prompts (chat, prompt/completion or text rows)")
+@click.option("--synthetic", default=None, metavar="N", type=int, help="synthetic prompts of N input tokens")
+@click.option("--tokenizer", default=None, help="model dir or packaged name: exact synthetic lengths, token-count fallback")
+@click.option("--mode", type=click.Choice(["concurrency", "poisson", "burst"]), default="concurrency", show_default=True)
+@click.option("--concurrency", default=4, show_default=True)
+@click.option("--rate", type=float, default=None, help="poisson: requests per second")
+@click.option("--max-in-flight", type=int, default=None, help="poisson: cap on requests in flight")
+@click.option("--sweep", default=None, callback=_csv_floats, help="levels, e.g. 1,2,4,8 (concurrency, rate or burst)")
+@click.option("--sweep-max", type=int, default=None, help="sweep 1,2,4,... up to this concurrency")
+@click.option("--requests", default=16, show_default=True, help="per level")
+@click.option("--duration", type=float, default=None, help="per level, seconds: send nothing new after this")
+@click.option("--warmup", default=2, show_default=True)
+@click.option("--max-tokens", default=64, show_default=True)
+@click.option("--ignore-eos/--no-ignore-eos", default=None, help="exactly max_tokens (default: on for synthetic)")
+@click.option("--api", type=click.Choice(["chat", "completions"]), default="chat", show_default=True)
+@click.option("--assign", type=click.Choice(["round_robin", "random"]), default="round_robin", show_default=True)
+@click.option("--timeout", type=float, default=120, show_default=True, help="per request, seconds")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--slo-ttft-ms", type=float, default=None, help="SLO: TTFT limit [1000]")
+@click.option("--slo-tpot-ms", type=float, default=None, help="SLO: TPOT limit [100]")
+@click.option("--slo-e2e-ms", type=float, default=None, help="SLO: end-to-end limit [none]")
+@click.option("--slo-percentile", type=float, default=None, help="SLO percentile [99]")
+@click.option("--hardware", type=click.Path(path_type=Path), default=None, help="bench/hardware/*.yaml: $ per 1M tokens")
+@click.option("--api-prices", type=click.Path(path_type=Path), default=None, help="default: bench/api_prices.yaml")
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="results directory")
+@click.pass_context
+def bench(ctx, base_url, models, api_key, targets, config_path, sets, prompts_file, synthetic, tokenizer, out, **_):
+    """Load an OpenAI-compatible endpoint (or several side by side): TTFT / TPOT / ITL / E2E percentiles,
+    throughput, goodput at an SLO, the highest load meeting it, and $ per 1M tokens vs API prices."""
+    if ctx.invoked_subcommand:
+        return
+    from click.core import ParameterSource
+
+    from . import bench as B
+    from . import config
     from .util import atomic_dir
 
-    rows = load_rows(prompts)
-    try:
-        urllib.request.urlopen(base_url.rstrip("/").removesuffix("/v1") + "/health", timeout=5)
-    except OSError as e:
-        if not getattr(e, "code", None):
-            raise FtxError(f"endpoint {base_url} is not reachable ({e})") from None
+    if out is None:
+        raise click.UsageError("--out DIR is required")
+    patch: dict = {}
+    for flag, key in BENCH_FLAGS.items():
+        if ctx.get_parameter_source(flag) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT):
+            section, _, leaf = key.rpartition(".")
+            value = ctx.params[flag]
+            if flag in ("hardware", "api_prices"):  # relative to the working directory, not to --config's file
+                value = Path(value).absolute()
+            (patch.setdefault(section, {}) if section else patch)[leaf] = value
+    if ctx.params["sweep"] is not None or ctx.params["sweep_max"]:
+        patch["sweep"] = ctx.params["sweep"] or [2 ** i for i in range(ctx.params["sweep_max"].bit_length())
+                                                  if 2 ** i <= ctx.params["sweep_max"]]
+    if synthetic:
+        patch.setdefault("prompts", {}).update(source="synthetic", input_tokens=synthetic)
+    elif prompts_file:
+        patch.setdefault("prompts", {}).update(source="file", path=Path(prompts_file).absolute())
+    doc = config.load(config_path, B.BenchConfig, sets, what="bench config", patch=patch)
+    cfg = doc.model
+    for loc in (("hardware",), ("api_prices",), ("prompts", "path")):  # checked up front, relative to the file
+        section = cfg.prompts if loc[0] == "prompts" else cfg
+        setattr(section, loc[-1], doc.resolve_file(loc, getattr(section, loc[-1])))
+    if cfg.prompts.source == "heldout":
+        raise click.UsageError("give --prompts FILE or --synthetic N (held-out prompts come with a recipe)")
+    tgts = _bench_targets(base_url, models, api_key, targets)
+    tok = B.prompts.load_tokenizer(cfg.prompts.tokenizer)
+    prompts = B.load_prompts(cfg, tokenizer=tok)
     with atomic_dir(out) as tmp:
-        r = run(BenchConfig(requests=requests, concurrency=concurrency, max_tokens=max_tokens),
-                base_url, api_key, model, [m[:-1] for m in rows], tmp)
-    click.echo(r.model_dump_json(indent=2))
+        try:
+            r = B.run(cfg, tgts, prompts, tmp, tok)
+        except KeyboardInterrupt:  # the partial results are written: keep them, then exit 130
+            _console().print(f"interrupted: partial results in {out}")
+            interrupted = True
+        else:
+            interrupted = False
+    if interrupted:
+        sys.exit(130)
+    click.echo((out / "summary.md").read_text())
+    click.echo(f"results: {out}")
+    return r
+
+
+def _bench_targets(base_url, models, api_key, targets):
+    from .bench import Target
+
+    out = []
+    if base_url:
+        if not models:
+            raise click.UsageError("--base-url needs --model")
+        out.append(Target("endpoint", base_url, api_key, list(models)))
+    for spec in targets:
+        name, sep, rest = spec.partition("=")
+        url, at, names = rest.rpartition("@")
+        if not sep or not at or not name or not url or not names:
+            raise click.BadParameter(f"{spec!r}: expected NAME=URL@MODEL[,MODEL]", param_hint="--target")
+        key = os.environ.get(f"FTX_API_KEY_{name.upper().replace('-', '_')}", api_key)
+        out.append(Target(name, url, key, names.split(",")))
+    if not out:
+        raise click.UsageError("give --base-url and --model, or --target NAME=URL@MODEL")
+    if len({t.name for t in out}) < len(out):
+        raise click.UsageError("target names must differ")
+    return out
+
+
+@bench.command("compare")
+@click.argument("dirs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--names", default=None, help="comma-separated names (default: the directory names)")
+@click.option("--lora-break-even", is_flag=True,
+              help="first = merged model, second = multi-LoRA server (same traffic): machines and $ for N adapters")
+@click.option("--hardware", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None)
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="write the markdown here too")
+def bench_compare(dirs, names, lora_break_even, hardware, out):
+    """Side by side: bench results of separate runs (summary.json of each DIR), ratios to the first."""
+    from .bench import cost, report
+    from .util import atomic_write_text
+
+    labels = names.split(",") if names else [d.name for d in dirs]
+    if len(labels) != len(dirs):
+        raise click.UsageError("--names needs one name per directory")
+    summaries = []
+    for d in dirs:
+        f = d / "summary.json"
+        if not f.is_file():
+            raise FtxError("no summary.json here (not a bench result directory)", where=str(d))
+        summaries.append(json.loads(f.read_text()))
+    per_target = [{**s["targets"][0], "name": n} for s, n in zip(summaries, labels)]
+    text = report.compare_table(summaries[0]["mode"], report.compare_rows(per_target))
+    if lora_break_even:
+        if len(dirs) != 2:
+            raise click.UsageError("--lora-break-even compares two results: merged, then multi-LoRA")
+        g = [report.headline_goodput(s) for s in summaries]
+        hw = cost.load_hardware(hardware) if hardware else None
+        text += "\n\n" + report.lora_break_even_md(cost.lora_break_even(g[0], g[1], hw))
+    click.echo(text)
+    if out:
+        atomic_write_text(out, text + "\n")
 
 
 @cli.command()

@@ -22,8 +22,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from . import __version__
 from .bench import BenchConfig
@@ -61,101 +60,27 @@ class Recipe(BaseModel):
 
 # ---------------------------------------------------------------------------------------------- loading
 
-def _key_lines(node: yaml.Node, prefix: tuple = ()) -> dict[tuple, int]:
-    """Map each key path of a YAML document to its 1-based line number."""
-    lines: dict[tuple, int] = {}
-    if isinstance(node, yaml.MappingNode):
-        for k, v in node.value:
-            path = prefix + (k.value,)
-            lines[path] = k.start_mark.line + 1
-            lines.update(_key_lines(v, path))
-    elif isinstance(node, yaml.SequenceNode):
-        for i, v in enumerate(node.value):
-            lines[prefix + (i,)] = v.start_mark.line + 1
-            lines.update(_key_lines(v, prefix + (i,)))
-    return lines
-
-
-def parse_override(text: str) -> tuple[tuple[str, ...], Any]:
-    if "=" not in text or text.startswith("="):
-        raise FtxError(f"override {text!r}: expected key.path=value")
-    key, value = text.split("=", 1)
-    try:
-        parsed = yaml.safe_load(value) if value != "" else ""
-    except yaml.YAMLError:
-        parsed = value
-    return tuple(key.strip().split(".")), parsed
-
-
-def _set(raw: dict, path: tuple[str, ...], value: Any, text: str) -> None:
-    node = raw
-    for part in path[:-1]:
-        if not isinstance(node.get(part, {}), dict):
-            raise FtxError(f"override {text!r}: {part} is not a section")
-        node = node.setdefault(part, {})
-    node[path[-1]] = value
-
-
-_MESSAGES = {"extra_forbidden": "unknown key", "missing": "missing required key"}
-
-
 def load(path: Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
     """Parse and validate a recipe; any problem is one FtxError naming file:line and the key path."""
-    path = Path(path)
-    if not path.is_file():
-        raise FtxError("recipe file not found", where=str(path))
-    text = path.read_text()
-    try:
-        node = yaml.compose(text)
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise FtxError(f"invalid YAML: {getattr(e, 'problem', None) or e}", where=where) from None
-    if not isinstance(raw, dict):
-        raise FtxError("a recipe must be a YAML mapping", where=str(path))
-    lines = _key_lines(node) if node else {}
-    overridden = {}
-    for text_ov in overrides:
-        key, value = parse_override(text_ov)
-        _set(raw, key, value, text_ov)
-        overridden[key] = text_ov
-    try:
-        recipe = Recipe.model_validate(raw)
-    except ValidationError as e:
-        err = e.errors()[0]
-        loc = tuple(str(x) for x in err["loc"])
-        field = ".".join(loc)
-        msg = _MESSAGES.get(err["type"], err["msg"])
-        for n in range(len(loc), 0, -1):
-            if loc[:n] in overridden:
-                raise FtxError(f"{field}: {msg}", where=f"override {overridden[loc[:n]]!r}") from None
-        line = next((lines[loc[:n]] for n in range(len(loc), 0, -1) if loc[:n] in lines), None)
-        if line is None and len(loc) > 1:  # missing key: point at its section
-            line = lines.get(loc[:-1])
-        raise FtxError(f"{field}: {msg}", where=f"{path}:{line}" if line else str(path)) from None
+    from . import config
+
+    doc = config.load(path, Recipe, overrides, what="recipe file")
+    recipe = doc.model
     # data files are relative to the recipe file
-    base = path.parent
     sections = [(("data",), recipe.data)] + ([(("dpo", "data"), recipe.dpo.data)] if recipe.dpo else [])
     for section, cfg in sections:
         for key in ("path", "heldout"):
-            value = getattr(cfg, key)
-            if value is None:
-                continue
-            full = value if value.is_absolute() else (base / value).resolve()
-            if not full.is_file():
-                loc = (*section, key)
-                where = overridden.get(loc)
-                where = f"override {where!r}" if where else f"{path}:{lines.get(loc, '?')}"
-                raise FtxError(f"{'.'.join(loc)}: file not found: {full}", where=where)
-            setattr(cfg, key, full)
+            setattr(cfg, key, doc.resolve_file((*section, key), getattr(cfg, key)))
     for i, a in enumerate(recipe.merge.combine.adapters if recipe.merge.combine else []):
-        full = a.path if a.path.is_absolute() else (base / a.path).resolve()
+        full = a.path if a.path.is_absolute() else (doc.path.parent / a.path).resolve()
         if not (full / "adapter_config.json").is_file():
-            loc = ("merge", "combine", "adapters", i, "path")
             raise FtxError(f"merge.combine.adapters.{i}.path: not a peft adapter directory: {full}",
-                           where=f"{path}:{lines.get(loc, lines.get(loc[:-1], '?'))}")
+                           where=doc.where(("merge", "combine", "adapters", i, "path")))
         a.path = full
+    b = recipe.bench
+    b.hardware = doc.resolve_file(("bench", "hardware"), b.hardware)
+    b.api_prices = doc.resolve_file(("bench", "api_prices"), b.api_prices)
+    b.prompts.path = doc.resolve_file(("bench", "prompts", "path"), b.prompts.path)
     return recipe
 
 
@@ -338,7 +263,8 @@ def run(recipe_path: Path, overrides: tuple[str, ...] = (), force: tuple[str, ..
         serve_cfg = {**recipe.serve.model_dump(mode="json", exclude={"api_key", "port", "startup_timeout_s"}),
                      "regex": recipe.eval.response_regex, "max_new_tokens": recipe.eval.max_new_tokens}
         k["serve"] = runner.key("serve", serve_cfg, [k["export"], k["data"]])
-        k["bench"] = runner.key("bench", recipe.bench.model_dump(mode="json"), [k["serve"]])
+        bench_files = [sha256_file(f) for f in (recipe.bench.hardware, recipe.bench.api_prices, recipe.bench.prompts.path) if f]
+        k["bench"] = runner.key("bench", {**recipe.bench.model_dump(mode="json"), "files": bench_files}, [k["serve"]])
         held = data.read_split(heldout_file)
         need = list(("serve", "bench")[: stop_at - STAGES.index("serve") + 1])
         missing = [s for s in need if runner.cached(s, k[s]) is None]
@@ -357,9 +283,12 @@ def run(recipe_path: Path, overrides: tuple[str, ...] = (), force: tuple[str, ..
 
                 runner.run("serve", k["serve"], do_serve)
                 if "bench" in need:
-                    prompts = [m[:-1] for m in held]
-                    runner.run("bench", k["bench"], lambda out: bench.run(
-                        recipe.bench, endpoint.base_url, endpoint.api_key, endpoint.model, prompts, out))
+                    from .bench.prompts import load_tokenizer
+
+                    tok = load_tokenizer(recipe.bench.prompts.tokenizer or str(base_dir))
+                    prompts = bench.load_prompts(recipe.bench, held, tok)
+                    target = bench.Target(recipe.name, endpoint.base_url, endpoint.api_key, [endpoint.model])
+                    runner.run("bench", k["bench"], lambda out: bench.run(recipe.bench, [target], prompts, out, tok))
         else:
             for s in need:
                 runner.run(s, k[s], None)  # cached: fn is never called

@@ -1,0 +1,172 @@
+"""`ftx bench` against a real llama-server (the quickstart's Q4_K_M behind ftx's gateway): load profiles,
+synthetic prompts of exact length, compare mode, and the faults a bench must survive (server errors, timeouts,
+Ctrl-C) or refuse up front (unreachable endpoint, wrong key, unknown model)."""
+
+import json
+import re
+import signal
+import subprocess
+import time
+
+import pytest
+
+from .conftest import FTX
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def endpoint(quickstart_run, tmp_path_factory):
+    from ftx.serve import ServeConfig, running
+
+    log = tmp_path_factory.mktemp("bench-server") / "server.log"
+    with running(ServeConfig(parallel=4, ctx_size=4096), quickstart_run["dir"] / "model-q4_k_m.gguf", "qs", log) as ep:
+        yield ep
+
+
+@pytest.fixture(scope="module")
+def base_dir(quickstart_run):
+    return quickstart_run["manifest"]["inputs"]["base_model"]["path"]
+
+
+def bench(ep, out, *args, key=None, timeout=600):
+    cmd = [*FTX, "bench", "--base-url", ep.base_url, "--model", "qs", "--api-key", key or ep.api_key,
+           "--out", str(out), *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+
+
+def load(out):
+    return (json.loads((out / "summary.json").read_text()),
+            [json.loads(line) for line in open(out / "records.jsonl")])
+
+
+def test_poisson_synthetic_prompts_have_exact_lengths(endpoint, base_dir, tmp_path):
+    """Synthetic prompts of exactly 40 tokens, exactly 16 output tokens each (ignore_eos), Poisson arrivals."""
+    from transformers import AutoTokenizer
+
+    out = tmp_path / "poisson"
+    proc = bench(endpoint, out, "--mode", "poisson", "--rate", 8, "--requests", 12, "--synthetic", 40,
+                 "--tokenizer", base_dir, "--max-tokens", 16, "--seed", 3)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary, records = load(out)
+    assert summary["mode"] == "poisson" and [lv["level"] for lv in summary["targets"][0]["levels"]] == [8]
+    assert len(records) == 12 and all(r["ok"] for r in records)
+    assert all(r["output_tokens"] == 16 for r in records)  # ignore_eos is on for synthetic prompts
+    tok = AutoTokenizer.from_pretrained(base_dir)
+    overhead = len(tok.apply_chat_template([{"role": "user", "content": "x"}], add_generation_prompt=True,
+                                           return_dict=False)) - 1
+    assert {r["input_tokens"] for r in records} == {40 + overhead}  # server-counted, chat template included
+    starts = sorted(r["start_s"] for r in records)
+    assert starts[-1] - starts[0] > 0  # open loop: arrivals spread over time, not all at once
+    assert "| rate (req/s) |" in (out / "summary.md").read_text()
+
+
+def test_sweep_burst_and_token_fallback_matches_server_usage(endpoint, base_dir, tmp_path, quickstart_run):
+    """A burst sweep: each level sends everything at once. The tokenizer fallback counts what the server counts."""
+    from ftx.bench import prompts as P
+    from ftx.data import read_split
+
+    prompts = tmp_path / "p.jsonl"
+    held = read_split(quickstart_run["dir"] / "stages" / "data" / "heldout.jsonl")
+    prompts.write_text("".join(json.dumps({"messages": m}) + "\n" for m in held))
+    out = tmp_path / "burst"
+    proc = bench(endpoint, out, "--mode", "burst", "--sweep", "2,6", "--prompts", prompts, "--warmup", 0)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary, records = load(out)
+    assert [lv["level"] for lv in summary["targets"][0]["levels"]] == [2, 6]
+    assert sorted((r["level"], r["i"]) for r in records) == [(2, 0), (2, 1)] + [(6, i) for i in range(6)]
+    for level in (2, 6):  # a burst: every request of the level leaves before any answer comes back
+        recs = [r for r in records if r["level"] == level]
+        assert max(r["start_s"] for r in recs) < min(r["start_s"] + r["ttft_s"] for r in recs)
+    assert (out / "sweep.png").read_bytes()[:4] == b"\x89PNG"
+    tok = P.load_tokenizer(base_dir)
+    by_i = {r["i"]: r for r in records if r["level"] == 6}
+    for i, r in by_i.items():
+        assert P.count_prompt_tokens(tok, held[i][:-1], "chat") == r["input_tokens"]
+
+
+def test_two_targets_side_by_side_and_compare_command(endpoint, tmp_path):
+    """Two names for the same endpoint: ratio columns near 1 in one run, and `ftx bench compare` of two runs."""
+    out = tmp_path / "two"
+    url = endpoint.base_url
+    proc = subprocess.run(list(map(str, [*FTX, "bench", "--target", f"a={url}@qs", "--target", f"b={url}@qs",
+                                         "--synthetic", 24, "--max-tokens", 8, "--requests", 6, "--concurrency", 2,
+                                         "--api-key", endpoint.api_key, "--out", out])),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary, records = load(out)
+    assert [t["name"] for t in summary["targets"]] == ["a", "b"] and len(records) == 12
+    row = summary["compare"][0]["targets"]["b"]
+    assert row["ratio_to_first"]["output tok/s"] == pytest.approx(
+        row["values"]["output tok/s"] / summary["compare"][0]["targets"]["a"]["values"]["output tok/s"])
+    assert "b / a" in (out / "compare.md").read_text()
+    out2 = tmp_path / "one"
+    assert bench(endpoint, out2, "--synthetic", 24, "--max-tokens", 8, "--requests", 6, "--concurrency", 2).returncode == 0
+    proc = subprocess.run([*FTX, "bench", "compare", str(out), str(out2), "--names", "first,second",
+                           "--lora-break-even"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "second / first" in proc.stdout and "machines multi-LoRA" in proc.stdout
+
+
+def test_server_errors_and_timeouts_are_counted_not_fatal(endpoint, base_dir, tmp_path):
+    # prompts longer than a slot's context (4096 / 4 slots): the server answers 400, every one is recorded
+    out = tmp_path / "too-long"
+    proc = bench(endpoint, out, "--synthetic", 1500, "--tokenizer", base_dir, "--requests", 4, "--warmup", 0)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary, records = load(out)
+    assert summary["errors"] == 4 and all(not r["ok"] and "400" in r["error"] for r in records)
+    assert summary["targets"][0]["levels"][0]["summary"]["meets_slo"] is False and summary["best"] is None
+    out = tmp_path / "timeouts"
+    proc = bench(endpoint, out, "--synthetic", 32, "--max-tokens", 200, "--requests", 3, "--warmup", 0,
+                 "--timeout", 0.05)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary, records = load(out)
+    lv = summary["targets"][0]["levels"][0]["summary"]
+    assert lv["errors"] == 3 and lv["timeouts"] == 3 and all("Timeout" in r["error"] for r in records)
+
+
+def test_bad_endpoints_fail_before_any_load(endpoint, tmp_path):
+    from ftx.serve import free_port
+
+    cases = [(dict(), f"http://127.0.0.1:{free_port('127.0.0.1')}/v1", "is not reachable"),
+             (dict(key="wrong"), None, "rejected the API key"),
+             (dict(model="nope"), None, "does not serve 'nope'")]
+    for kw, url, msg in cases:
+        out = tmp_path / "x"
+        cmd = [*FTX, "bench", "--base-url", url or endpoint.base_url, "--model", kw.get("model", "qs"),
+               "--api-key", kw.get("key", endpoint.api_key), "--synthetic", 8, "--out", str(out)]
+        proc = subprocess.run(list(map(str, cmd)), capture_output=True, text=True, timeout=120)
+        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        assert proc.returncode == 2 and len(lines) == 1 and msg in lines[0], proc.stderr
+        assert not out.exists()
+
+
+def test_ctrl_c_writes_the_partial_results(endpoint, tmp_path):
+    out = tmp_path / "interrupted"
+    cmd = [*FTX, "bench", "--base-url", endpoint.base_url, "--model", "qs", "--api-key", endpoint.api_key,
+           "--synthetic", 16, "--max-tokens", 48, "--requests", 400, "--concurrency", 2, "--warmup", 0,
+           "--out", str(out)]
+    proc = subprocess.Popen(list(map(str, cmd)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # wait until a few requests have finished (each decodes 48 tokens), then Ctrl-C
+    start, deadline = _decoded(endpoint), time.time() + 120
+    while time.time() < deadline and _decoded(endpoint) - start < 4 * 48:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    summary, records = load(out)
+    assert summary["interrupted"] is True and 0 < len(records) < 400
+    lv = summary["targets"][0]["levels"][0]
+    assert lv["partial"] and lv["summary"]["requests"] == len(records)
+    assert all(r["ok"] for r in records)  # what finished; what was cut off is not counted as an error
+    assert "Interrupted" in (out / "summary.md").read_text()
+
+
+def _decoded(ep) -> float:
+    """Tokens the llama-server behind the gateway has decoded so far (its Prometheus counter)."""
+    import urllib.request
+
+    req = urllib.request.Request(ep.base_url.removesuffix("/v1") + "/metrics",
+                                 headers={"Authorization": f"Bearer {ep.api_key}"})
+    text = urllib.request.urlopen(req, timeout=5).read().decode()
+    return float(re.search(r"^llamacpp:n_decode_total\S*\s+(\S+)", text, re.M).group(1))
