@@ -134,6 +134,15 @@ def _tail(log: Path, n: int = 3) -> str:
     return " | ".join(lines[-n:]) or "no output"
 
 
+def _die_with_parent() -> None:
+    """In the child, before exec: get SIGTERM when the ftx process dies, however it dies (SIGKILL included), so
+    no engine or gateway outlives it. Linux only (prctl PR_SET_PDEATHSIG); elsewhere a no-op."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+
+
 @contextlib.contextmanager
 def launch(cmd: list[str], host: str, port: int, key: str, model_name: str, log: Path, timeout_s: float,
            engine: str, env: dict | None = None, on_wait=None) -> Iterator[Endpoint]:
@@ -143,7 +152,7 @@ def launch(cmd: list[str], host: str, port: int, key: str, model_name: str, log:
     log.parent.mkdir(parents=True, exist_ok=True)
     logf = open(log, "w")
     proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            start_new_session=True, env=env)
+                            start_new_session=True, env=env, preexec_fn=_die_with_parent)
     base = f"http://{host}:{port}"
     try:
         deadline = time.monotonic() + timeout_s
