@@ -38,6 +38,7 @@ def test_goodput_counts_requests_within_every_limit():
     assert s["goodput"]["prefill_time_share"] == pytest.approx((0.05 + 0.05) / (0.15 + 0.10))
     assert s["request_throughput"] == 2.0 and s["output_tokens_per_s"] == (11 * 3 + 1) / 2
     assert not s["meets_slo"]  # error rate 20% > 0
+    assert s["timeouts"] == 0 and stats.summarize([{**rec(0, 1.0, ok=False), "timeout": True}], 1.0, slo)["timeouts"] == 1
     ok_only = stats.summarize(records[:4], 2.0, slo)
     # P50 of TTFT (50, 200, 50, 50 ms) = 50 ms; P50 of TPOT (10, 10, 50 ms) = 10 ms: the level meets the SLO
     assert ok_only["slo_checks"]["ttft_s"]["value"] == pytest.approx(0.05) and ok_only["meets_slo"]
@@ -175,3 +176,27 @@ def test_synthetic_prompts_have_exact_token_lengths_with_a_tokenizer():
     assert all(len(tok.encode(p, add_special_tokens=False)) == 50 for p in ps)
     assert P.synthetic(50, 5, seed=1, tokenizer=tok) == ps  # seeded
     assert all(len(p.split()) == 7 for p in P.synthetic(7, 3, seed=0))
+
+
+def test_a_level_stops_sending_at_its_duration():
+    import asyncio
+    import time
+
+    from ftx.bench import client
+
+    cfg = BenchConfig(mode="concurrency", concurrency=2, requests=1000, warmup=0, duration_s=0.2)
+    sent = []
+
+    async def send(i, sem, keep):
+        sent.append(i)
+        await asyncio.sleep(0.01)
+
+    async def go():
+        tasks = []
+        deadline = time.perf_counter() + cfg.duration_s
+        await client._schedule(cfg, "concurrency", 2, 2, np.random.default_rng(0), deadline, send, tasks)
+        await asyncio.gather(*tasks)
+
+    asyncio.run(go())
+    # 1000 requests of 10 ms at concurrency 2 would take 5 s: the 0.2 s duration stopped the sending early
+    assert 2 <= len(sent) < 1000 and sent == list(range(len(sent)))

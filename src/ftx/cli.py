@@ -606,7 +606,8 @@ def bench_compare(dirs, names, lora_break_even, hardware, out):
             raise click.UsageError("--lora-break-even compares two results: merged, then multi-LoRA")
         g = [report.headline_goodput(s) for s in summaries]
         hw = cost.load_hardware(hardware) if hardware else None
-        text += "\n\n" + report.lora_break_even_md(cost.lora_break_even(g[0], g[1], hw))
+        text += ("\n\nTokens/s per machine: goodput at the highest load meeting the SLO (else the last level's "
+                 "throughput).\n\n" + report.lora_break_even_md(cost.lora_break_even(g[0], g[1], hw)))
     click.echo(text)
     if out:
         atomic_write_text(out, text + "\n")

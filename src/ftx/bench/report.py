@@ -239,7 +239,7 @@ def headline_goodput(summary: dict) -> float:
 def lora_break_even_md(be: dict) -> str:
     r = be["ratio"]
     lines = [f"**Merged models vs one multi-LoRA server** (same traffic): a machine serves "
-             f"{be['merged_tokens_per_s']:.1f} tokens/s within the SLO with a merged model and "
+             f"{be['merged_tokens_per_s']:.1f} tokens/s with a merged model and "
              f"{be['multi_lora_tokens_per_s']:.1f} with the adapters (r = {r:.3f}). With N fine-tunes, merged "
              f"needs one deployment each; multi-LoRA needs fewer machines while each adapter's traffic is below "
              f"r × a machine = {be['break_even_traffic_per_adapter_tokens_per_s']:.1f} tokens/s "
@@ -250,7 +250,7 @@ def lora_break_even_md(be: dict) -> str:
              "|---:|---:|---:|---:|" + ("---:|---:|" if be["machine_usd_per_month"] else "")]
     for row in be["rows"]:
         line = (f"| {row['adapters']} | {row['traffic_per_adapter_tokens_per_s']:.1f} tok/s "
-                f"({100 * row['traffic_per_adapter_share_of_machine']:g}%) | {row['machines_merged']} "
+                f"({100 * row['traffic_per_adapter_share_of_machine']:.0f}%) | {row['machines_merged']} "
                 f"| {row['machines_multi_lora']} |")
         if be["machine_usd_per_month"]:
             line += f" {_usd(row['monthly_usd_merged'])} | {_usd(row['monthly_usd_multi_lora'])} |"

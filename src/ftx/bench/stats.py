@@ -76,7 +76,7 @@ def summarize(records: list[dict], wall_s: float, slo: SLO) -> dict:
     sources = {r.get("token_source") for r in ok}
     return {
         "requests": n, "ok": len(ok), "errors": n - len(ok), "error_rate": error_rate,
-        "timeouts": sum(1 for r in records if (r.get("error") or "").startswith(("APITimeoutError", "TimeoutError"))),
+        "timeouts": sum(1 for r in records if r.get("timeout")),
         "wall_s": wall_s, **dists,
         "input_tokens": in_tok, "output_tokens": out_tok,
         "request_throughput": per_s(len(ok)), "output_tokens_per_s": per_s(out_tok),
