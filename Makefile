@@ -12,7 +12,7 @@ quickstart: setup
 	.venv/bin/ftx recipe run recipes/quickstart.yaml
 
 test: setup
-	$(PY) -m pytest -v -rs tests
+	$(PY) -m pytest -v -rs --durations=15 tests
 
 test-unit: setup
 	$(PY) -m pytest -v -m "not e2e" tests

@@ -48,6 +48,15 @@ def test_malformed_jsonl_line(recipe_copy, tmp_path):
     assert_clean_failure(proc, tmp_path / "out", rf"{re.escape(str(data))}:42: json: invalid JSON .*")
 
 
+def test_serve_adapter_of_the_wrong_kind_for_the_engine(recipe_copy, tmp_path):
+    # vLLM serves peft adapter directories: a file (here a dataset) is refused at load time, on its line
+    recipe_copy.write_text(recipe_copy.read_text().replace(
+        "  quant: auto", "  adapters:\n    other: data/quickstart.jsonl\n  quant: auto"))
+    proc = run_cli("recipe", "run", recipe_copy, "serve.engine=vllm", f"output_dir={tmp_path / 'out'}")
+    assert_clean_failure(proc, tmp_path / "out",
+                         rf"{re.escape(str(recipe_copy))}:4\d: serve\.adapters\.other: dir not found: .*quickstart\.jsonl")
+
+
 def test_bad_override(tmp_path):
     from .conftest import RECIPE
 

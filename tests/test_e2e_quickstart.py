@@ -582,6 +582,27 @@ def test_dpo_after_sft_widens_the_preference_margin(run1, hf):
     assert "## Preference tuning" in (run_dir / "run_card.md").read_text()
 
 
+def test_recipe_serve_stage_on_vllm_serves_the_unmerged_adapter(run1, qlora_run):
+    """serve.engine=vllm: the recipe's serve and bench stages run against vLLM with the base model and this
+    recipe's adapter (plus another adapter), unmerged; everything upstream comes from the cache."""
+    extra = qlora_run[0] / "adapter"
+    run_dir, manifest = ftx_run(run1["out"], "serve.engine=vllm", f"serve.adapters={{qlora: {extra}}}",
+                                "serve.check_prompts=4", "bench.sweep=[2]", "bench.requests=4", "bench.warmup=1")
+    st = manifest["stages"]
+    assert all(st[s]["cached"] for s in ("data", "train", "eval", "merge", "export")), st
+    assert not st["serve"]["cached"] and not st["bench"]["cached"]
+    assert st["serve"]["key"] != run1["manifest"]["stages"]["serve"]["key"]
+    card = json.loads((run_dir / "run_card.json").read_text())
+    sv = card["serve"]
+    assert (sv["engine"], sv["model"], sv["gguf"], sv["adapters"]) == ("vllm", "quickstart", None, ["quickstart", "qlora"])
+    assert sv["base"] != "quickstart"
+    assert sv["format_rate"] >= 0.75, sv  # the adapter, not the base model (0% format), answered
+    records = [json.loads(line) for line in (run_dir / "stages" / "bench" / "records.jsonl").read_text().splitlines()]
+    assert len(records) == 4 and {r["model"] for r in records} == {"quickstart"}
+    assert all(r["error"] is None and r["output_tokens"] > 0 for r in records), records
+    assert "## Served (vLLM, base" in (run_dir / "run_card.md").read_text()
+
+
 # ---------------------------------------------------------------------------------------------- vLLM multi-LoRA
 @pytest.fixture(scope="module")
 def vllm_server(run1, qlora_run, tmp_path_factory):

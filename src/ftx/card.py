@@ -129,7 +129,7 @@ def headline(name: str, r: dict) -> str:
         return ", ".join(f"{f['name']} {f['size_bytes'] / 1e6:.0f}MB" + ("*" if f["name"] == r.get("selected") else "")
                          for f in r["files"]) + " (* gate pick)"
     if name == "serve":
-        return f"ready in {r['startup_s']:.1f}s" + (f", format {100 * r['format_rate']:.0f}%" if r["format_rate"] is not None else "")
+        return ("vLLM, " if r.get("engine") == "vllm" else "") + f"ready in {r['startup_s']:.1f}s" + (f", format {100 * r['format_rate']:.0f}%" if r["format_rate"] is not None else "")
     if name == "bench":
         best = r.get("best")
         slo = f"highest load meeting the SLO: {best['level']:g}" if best else "no load level meets the SLO"

@@ -77,6 +77,9 @@ def load(path: Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
             raise FtxError(f"merge.combine.adapters.{i}.path: not a peft adapter directory: {full}",
                            where=doc.where(("merge", "combine", "adapters", i, "path")))
         a.path = full
+    sv = recipe.serve
+    sv.adapters = {n: doc.resolve_file(("serve", "adapters", n), a, "dir" if sv.engine == "vllm" else "file")
+                   for n, a in sv.adapters.items()}
     b = recipe.bench
     b.hardware = doc.resolve_file(("bench", "hardware"), b.hardware)
     b.api_prices = doc.resolve_file(("bench", "api_prices"), b.api_prices)
@@ -255,14 +258,21 @@ def run(recipe_path: Path, overrides: tuple[str, ...] = (), force: tuple[str, ..
                                                                   held_for_gate, k["export"], recipe.base_model,
                                                                   base_dir, adapter, train_file))
     if stop_at >= STAGES.index("serve"):
-        files = {f["name"]: f["file"] for f in runner.runs["export"].result["files"]}
-        quant = runner.runs["export"].result["selected"] if recipe.serve.quant == "auto" else recipe.serve.quant
-        if quant not in files:
-            raise FtxError(f"serve.quant {quant!r} is not among the exported files ({', '.join(files)})")
-        gguf = runner.path("export", files[quant])
-        serve_cfg = {**recipe.serve.model_dump(mode="json", exclude={"api_key", "port", "startup_timeout_s"}),
-                     "regex": recipe.eval.response_regex, "max_new_tokens": recipe.eval.max_new_tokens}
-        k["serve"] = runner.key("serve", serve_cfg, [k["export"], k["data"]])
+        sv = recipe.serve
+        if sv.engine == "llamacpp":
+            files = {f["name"]: f["file"] for f in runner.runs["export"].result["files"]}
+            quant = runner.runs["export"].result["selected"] if sv.quant == "auto" else sv.quant
+            if quant not in files:
+                raise FtxError(f"serve.quant {quant!r} is not among the exported files ({', '.join(files)})")
+            gguf = runner.path("export", files[quant])
+            served_from = [k["export"]]
+        else:  # vLLM serves the unmerged adapter on the base model: what it is for (many adapters, one base)
+            gguf, served_from = None, [k["adapter"]]
+        other_engine = {"vllm"} if sv.engine == "llamacpp" else {"quant", "parallel", "ctx_size", "threads"}
+        serve_cfg = {**sv.model_dump(mode="json", exclude={"api_key", "port", "startup_timeout_s", *other_engine}),
+                     "regex": recipe.eval.response_regex, "max_new_tokens": recipe.eval.max_new_tokens,
+                     "adapter_files": {n: sha256_tree(a) if a.is_dir() else sha256_file(a) for n, a in sv.adapters.items()}}
+        k["serve"] = runner.key("serve", serve_cfg, [*served_from, k["data"]])
         bench_files = [sha256_file(f) for f in (recipe.bench.hardware, recipe.bench.api_prices, recipe.bench.prompts.path) if f]
         k["bench"] = runner.key("bench", {**recipe.bench.model_dump(mode="json"), "files": bench_files}, [k["serve"]])
         held = data.read_split(heldout_file)
@@ -271,15 +281,16 @@ def run(recipe_path: Path, overrides: tuple[str, ...] = (), force: tuple[str, ..
         if missing:
             server_log = out_root / ".cache" / "serve" / f"{k['serve']}.server.log"
             with contextlib.ExitStack() as server:
-                with console.status(f"starting llama-server with {gguf.name} ..."):
+                with console.status(f"starting {'llama-server with ' + gguf.name if gguf else 'vLLM (multi-LoRA)'} ..."):
                     t_start = time.perf_counter()
-                    endpoint = server.enter_context(serve.running(recipe.serve, gguf, recipe.name, server_log))
+                    endpoint, result = server.enter_context(
+                        serve.for_recipe(sv, recipe.name, gguf, base_dir, recipe.base_model, adapter, server_log))
                     startup = time.perf_counter() - t_start
 
                 def do_serve(out: Path) -> serve.ServeResult:
-                    chk = serve.check(endpoint, held[: recipe.serve.check_prompts], recipe.eval.response_regex,
+                    chk = serve.check(endpoint, held[: sv.check_prompts], recipe.eval.response_regex,
                                       recipe.eval.max_new_tokens)
-                    return serve.ServeResult(model=recipe.name, gguf=gguf.name, startup_s=startup, **chk)
+                    return serve.ServeResult(**result, startup_s=startup, **chk)
 
                 runner.run("serve", k["serve"], do_serve)
                 if "bench" in need:

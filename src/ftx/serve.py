@@ -1,4 +1,5 @@
-"""Serve stage: a GGUF on llama.cpp's llama-server, an OpenAI-compatible endpoint.
+"""Serve stage: an OpenAI-compatible endpoint, a GGUF on llama.cpp's llama-server (this module) or the base
+model with LoRA adapters on vLLM (ftx.serve_vllm; the recipe picks with `serve.engine`, see `for_recipe`).
 
 Why llama-server and not `python -m llama_cpp.server`: llama-server has parallel slots with continuous
 batching; llama_cpp.server serializes every request behind one lock. Measured on this 2-core CPU with the
@@ -23,6 +24,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Literal
@@ -30,6 +32,7 @@ from typing import Iterator, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from .errors import FtxError
+from .serve_vllm import VllmEngine
 
 
 class LlamaServerEngine(BaseModel):
@@ -41,19 +44,27 @@ class LlamaServerEngine(BaseModel):
 
 
 class ServeConfig(LlamaServerEngine):
-    engine: Literal["llamacpp"] = "llamacpp"
-    quant: str = Field("auto", description="which exported GGUF; auto: the one the export quality gate selected")
+    """The recipe's `serve:` section (llama-server's settings at top level, vLLM's under `vllm:`)."""
+    engine: Literal["llamacpp", "vllm"] = Field(
+        "llamacpp", description="llamacpp: the exported GGUF on llama-server; vllm: the base model with this "
+                                "recipe's adapter (and `adapters`) on vLLM, multi-LoRA")
+    quant: str = Field("auto", description="llamacpp: which exported GGUF; auto: the one the export quality gate selected")
     host: str = "127.0.0.1"
     port: int = Field(0, ge=0, le=65535, description="0 picks a free port")
     api_key: str | None = Field(None, description="default: $FTX_API_KEY, else a random key per run")
-    startup_timeout_s: float = Field(180, gt=0)
+    startup_timeout_s: float | None = Field(None, gt=0, description="default: 180 s llama.cpp, 300 s vLLM")
     check_prompts: int = Field(8, ge=0, description="held-out prompts sent through the endpoint")
-    adapters: dict[str, Path] = Field(default_factory=dict, description="model name -> GGUF LoRA adapter file")
+    adapters: dict[str, Path] = Field(default_factory=dict, description="more model names: GGUF LoRA files "
+                                      "(llamacpp) or peft adapter directories (vllm), relative to the recipe")
+    vllm: VllmEngine = VllmEngine()
 
 
 class ServeResult(BaseModel):
     model: str
-    gguf: str
+    gguf: str | None = Field(description="llamacpp: the GGUF served")
+    engine: Literal["llamacpp", "vllm"] = "llamacpp"
+    base: str | None = Field(None, description="vllm: the base model's served name (the adapter is `model`)")
+    adapters: list[str] = Field(default_factory=list, description="every adapter name the endpoint answers to")
     startup_s: float
     prompts: int
     format_rate: float | None
@@ -224,13 +235,39 @@ def running(cfg: ServeConfig, gguf: Path, model_name: str, log: Path, on_wait=No
     if loras:
         cmd += ["--lora-init-without-apply"]
     cmd += list(extra_args)
-    with launch(cmd, inner_host, inner_port, inner_key, model_name, log, cfg.startup_timeout_s, "llama-server",
+    with launch(cmd, inner_host, inner_port, inner_key, model_name, log, cfg.startup_timeout_s or 180, "llama-server",
                 on_wait=on_wait) as engine:
         if raw:
             yield engine
             return
         with gateway(engine, "llamacpp", cfg.host, port, key, log, list(loras)) as ep:
             yield ep
+
+
+@contextlib.contextmanager
+def for_recipe(cfg: ServeConfig, name: str, gguf: Path | None, base_dir: Path, base_model: str, adapter: Path,
+               log: Path) -> Iterator[tuple[Endpoint, dict]]:
+    """The recipe's serve stage. llamacpp: the exported GGUF as model `name` (cfg.adapters: more model names,
+    GGUF LoRA files). vllm: the base model with this recipe's adapter, unmerged, as model `name` (cfg.adapters:
+    more model names, peft directories), so requests for `name` go through vLLM's LoRA path. Yields the
+    gateway's endpoint (its `model` is `name`) and the fields of the ServeResult that describe what is served."""
+    if cfg.engine == "llamacpp":
+        with running(cfg, gguf, name, log) as ep:
+            yield ep, {"model": name, "gguf": gguf.name, "engine": "llamacpp", "adapters": list(cfg.adapters)}
+        return
+    from . import serve_vllm
+
+    if name in cfg.adapters:
+        raise FtxError(f"serve.adapters.{name}: this name is the recipe's own adapter; pick another")
+    base_name = Path(base_model).name
+    base_name = f"{base_name}-base" if base_name == name or base_name in cfg.adapters else base_name
+    timeout = {"startup_timeout_s": cfg.startup_timeout_s} if cfg.startup_timeout_s else {}
+    vcfg = serve_vllm.VllmConfig(**cfg.vllm.model_dump(), host=cfg.host, port=cfg.port, api_key=cfg.api_key,
+                                 **timeout)
+    adapters = {name: adapter, **cfg.adapters}
+    with serve_vllm.running(vcfg, base_dir, base_name, adapters, log) as ep:
+        yield dataclasses.replace(ep, model=name), {"model": name, "gguf": None, "engine": "vllm",
+                                                    "base": base_name, "adapters": list(adapters)}
 
 
 def stop(proc: subprocess.Popen, timeout: float = 10) -> None:
