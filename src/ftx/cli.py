@@ -353,10 +353,9 @@ def serve(ctx, config_path, sets, engine, gguf, base_model, adapters, name, host
     doc = _serve_spec(ctx, config_path, sets, adapters)
     spec = doc.model
     gguf, paths = deploy.local_paths(doc)
-    timeout = {"startup_timeout_s": spec.startup_timeout_s} if spec.startup_timeout_s else {}
     if spec.engine == "llamacpp":
         cfg = srv.ServeConfig(**spec.llamacpp.model_dump(), host=spec.host, port=spec.port, api_key=api_key,
-                              adapters=paths, **timeout)
+                              adapters=paths, startup_timeout_s=spec.startup_timeout_s)
         name = spec.name or gguf.stem
         server = srv.running(cfg, gguf, name, log := log or Path(f"{gguf.stem}.server.log"))
         what, label = gguf.name, "llama-server"
@@ -365,8 +364,7 @@ def serve(ctx, config_path, sets, engine, gguf, base_model, adapters, name, host
 
         base_dir = basemodel.resolve(spec.base_model)
         name = spec.name or Path(base_dir).name
-        cfg = serve_vllm.VllmConfig(**spec.vllm.model_dump(), host=spec.host, port=spec.port, api_key=api_key,
-                                    **timeout)
+        cfg = serve_vllm.config(spec.vllm, spec.host, spec.port, api_key, spec.startup_timeout_s)
         server = serve_vllm.running(cfg, base_dir, name, paths, log := log or Path(f"{name}.vllm.log"))
         what, label = f"{name} + {len(paths)} adapters", "vLLM"
     srv.serve_forever(server, what, label, generated_key=not api_key, log=log)

@@ -268,7 +268,7 @@ def run(recipe_path: Path, overrides: tuple[str, ...] = (), force: tuple[str, ..
             served_from = [k["export"]]
         else:  # vLLM serves the unmerged adapter on the base model: what it is for (many adapters, one base)
             gguf, served_from = None, [k["adapter"]]
-        other_engine = {"vllm"} if sv.engine == "llamacpp" else {"quant", "parallel", "ctx_size", "threads"}
+        other_engine = {"vllm"} if sv.engine == "llamacpp" else {"quant", *serve.LlamaServerEngine.model_fields}
         serve_cfg = {**sv.model_dump(mode="json", exclude={"api_key", "port", "startup_timeout_s", *other_engine}),
                      "regex": recipe.eval.response_regex, "max_new_tokens": recipe.eval.max_new_tokens,
                      "adapter_files": {n: sha256_tree(a) if a.is_dir() else sha256_file(a) for n, a in sv.adapters.items()}}

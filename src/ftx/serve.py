@@ -24,8 +24,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator, Literal
 
@@ -261,12 +260,10 @@ def for_recipe(cfg: ServeConfig, name: str, gguf: Path | None, base_dir: Path, b
         raise FtxError(f"serve.adapters.{name}: this name is the recipe's own adapter; pick another")
     base_name = Path(base_model).name
     base_name = f"{base_name}-base" if base_name == name or base_name in cfg.adapters else base_name
-    timeout = {"startup_timeout_s": cfg.startup_timeout_s} if cfg.startup_timeout_s else {}
-    vcfg = serve_vllm.VllmConfig(**cfg.vllm.model_dump(), host=cfg.host, port=cfg.port, api_key=cfg.api_key,
-                                 **timeout)
+    vcfg = serve_vllm.config(cfg.vllm, cfg.host, cfg.port, cfg.api_key, cfg.startup_timeout_s)
     adapters = {name: adapter, **cfg.adapters}
     with serve_vllm.running(vcfg, base_dir, base_name, adapters, log) as ep:
-        yield dataclasses.replace(ep, model=name), {"model": name, "gguf": None, "engine": "vllm",
+        yield replace(ep, model=name), {"model": name, "gguf": None, "engine": "vllm",
                                                     "base": base_name, "adapters": list(adapters)}
 
 

@@ -50,6 +50,14 @@ class VllmConfig(VllmEngine):
     startup_timeout_s: float = Field(300, gt=0)
 
 
+def config(engine: VllmEngine, host: str, port: int, api_key: str | None,
+           startup_timeout_s: float | None = None) -> VllmConfig:
+    """A VllmConfig from a `vllm:` section (serve config or recipe) and the address; None keeps the default
+    startup timeout."""
+    timeout = {"startup_timeout_s": startup_timeout_s} if startup_timeout_s else {}
+    return VllmConfig(**engine.model_dump(), host=host, port=port, api_key=api_key, **timeout)
+
+
 def check_adapter_ref(name: str, path: str | Path, base_dir: Path | None) -> Path:
     """Validate an adapter name and directory; returns the resolved directory."""
     from .merge import check_adapter
