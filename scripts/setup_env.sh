@@ -12,7 +12,7 @@ PY="${PYTHON:-python3}"
 LLAMA_VERSION=0.3.36
 CACHE="${FTX_CACHE:-$HOME/.cache/ftx}"
 KEY="$(cat requirements.lock pyproject.toml scripts/setup_env.sh scripts/build_llama_cpp.sh scripts/build_gotmpl.sh \
-  src/ftx/gotmpl/main.go | sha256sum | cut -c1-16)"
+  src/ftx/resources/gotmpl/main.go | sha256sum | cut -c1-16)"
 STAMP="$VENV/.ftx-env-$KEY"
 if [ -f "$STAMP" ]; then exit 0; fi
 echo "ftx: preparing environment in $VENV (key $KEY)"

@@ -1,3 +1,7 @@
+"""Shared fixtures. The end-to-end tests (marked e2e; `make test` runs them, plain `pytest` does not) share one
+quickstart pipeline run, one QLoRA run and one vLLM server per test session; every other e2e run starts from
+the quickstart run's cache."""
+
 import json
 import os
 import subprocess
@@ -9,6 +13,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "quickstart.yaml"
 FTX = [sys.executable, "-m", "ftx.cli"]
+REGEX = r'\{"category": "(math|geography|language|units)", "answer": "[^"]*"\}'  # the quickstart's trained format
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -16,12 +21,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 @pytest.fixture
 def recipe_copy(tmp_path):
-    """The quickstart recipe and its data, copied to a temp dir so tests may edit them."""
+    """The shipped recipes and their data, copied to a temp dir so tests may edit them."""
     import shutil
 
     d = tmp_path / "recipes"
     shutil.copytree(ROOT / "recipes", d, ignore=shutil.ignore_patterns("*.py", "__pycache__"))
-    shutil.copytree(ROOT / "bench" / "hardware", tmp_path / "bench" / "hardware")  # the recipe's bench.hardware
     return d / "quickstart.yaml"
 
 
@@ -31,8 +35,17 @@ BENCH_REQUESTS = 12
 
 
 def ftx_cmd(out, *extra):
-    return [*FTX, "recipe", "run", str(RECIPE), f"train.max_steps={STEPS}", "train.eval_every=10",
-            f"bench.requests={BENCH_REQUESTS}", f"output_dir={out}", *extra]
+    return [
+        *FTX,
+        "recipe",
+        "run",
+        str(RECIPE),
+        f"train.max_steps={STEPS}",
+        "train.eval_every=10",
+        f"bench.requests={BENCH_REQUESTS}",
+        f"output_dir={out}",
+        *extra,
+    ]
 
 
 def ftx_run(out, *extra):
@@ -44,8 +57,97 @@ def ftx_run(out, *extra):
 
 @pytest.fixture(scope="session")
 def quickstart_run(tmp_path_factory):
-    """The quickstart recipe end to end (fewer steps), shared by the end-to-end test modules."""
+    """The quickstart recipe end to end through the CLI (fewer steps): every e2e module starts from it."""
     out = tmp_path_factory.mktemp("e2e") / "runs"
     run_dir, manifest = ftx_run(out)
     card = json.loads((run_dir / "run_card.json").read_text())
     return {"out": out, "dir": run_dir, "manifest": manifest, "card": card}
+
+
+@pytest.fixture(scope="session")
+def base_dir(quickstart_run):
+    return Path(quickstart_run["manifest"]["inputs"]["base_model"]["path"])
+
+
+@pytest.fixture(scope="session")
+def heldout(quickstart_run):
+    from ftx.core.chat import read_split
+
+    return read_split(quickstart_run["dir"] / "stages" / "data" / "heldout.jsonl")
+
+
+@pytest.fixture(scope="session")
+def hf(quickstart_run, base_dir):
+    """tokenizer, base+adapter (peft) and the merged model, fp32."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(base_dir)
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    peft_model = PeftModel.from_pretrained(base, quickstart_run["dir"] / "adapter").eval()
+    merged = AutoModelForCausalLM.from_pretrained(quickstart_run["dir"] / "merged", dtype=torch.float32).eval()
+    return tok, peft_model, merged
+
+
+@pytest.fixture(scope="session")
+def qlora_run(quickstart_run):
+    """QLoRA, with the other training options switched on in the same short run: packing, the attention-only
+    preset, gradient checkpointing, TensorBoard and MLflow logging."""
+    return ftx_run(
+        quickstart_run["out"],
+        "train.method=qlora",
+        "train.max_steps=6",
+        "train.eval_every=3",
+        "train.packing=true",
+        "train.lora.target_modules=attention",
+        "train.gradient_checkpointing=true",
+        "train.report_to=[tensorboard,mlflow]",
+        "--until",
+        "train",
+    )
+
+
+@pytest.fixture(scope="session")
+def vllm_recipe(quickstart_run, qlora_run):
+    """The one vLLM server of the test session: the quickstart recipe with serve.engine=vllm, run in this process
+    with the endpoint kept up afterwards (as `ftx recipe run --serve` does). vLLM serves the base model with the
+    recipe's adapter unmerged as `quickstart` and the QLoRA adapter as `qlora`; everything upstream of serve
+    comes from the quickstart run's cache."""
+    import io
+
+    from rich.console import Console
+
+    from ftx import card, pipeline
+    from ftx.runner import Runner
+
+    overrides = [
+        f"train.max_steps={STEPS}",
+        "train.eval_every=10",
+        f"output_dir={quickstart_run['out']}",
+        "serve.engine=vllm",
+        f"serve.adapters={{qlora: {qlora_run[0] / 'adapter'}}}",
+        "serve.check_prompts=4",
+        "bench.sweep=[2]",
+        "bench.requests=4",
+        "bench.warmup=1",
+    ]
+    recipe = pipeline.load(RECIPE, overrides)
+    console = Console(file=io.StringIO())
+    runner = Runner(pipeline.STAGES, recipe, recipe.output_dir, console=console)
+    from datetime import datetime, timezone
+
+    started = datetime.now(timezone.utc)
+    try:
+        runner.run(keep_services=True)
+        run_dir = card.write_run_dir(recipe, runner, overrides, started, 0.0, console)
+        yield {
+            "runner": runner,
+            "dir": run_dir,
+            "endpoint": runner.open_service("serve"),
+            "manifest": json.loads((run_dir / "manifest.json").read_text()),
+            "card": json.loads((run_dir / "run_card.json").read_text()),
+            "qlora": qlora_run[0] / "adapter",
+        }
+    finally:
+        runner.close()

@@ -9,9 +9,17 @@ from ftx.bench import BenchConfig, cost, stats
 
 
 def rec(ttft, e2e, out=11, inp=20, ok=True, itl=None):
-    return {"ok": ok, "ttft_s": ttft if ok else None, "e2e_s": e2e, "output_tokens": out if ok else None,
-            "input_tokens": inp if ok else None, "tpot_s": (e2e - ttft) / (out - 1) if ok and out > 1 else None,
-            "itl_s": itl or [], "token_source": "usage", "error": None if ok else "APIStatusError 500: x"}
+    return {
+        "ok": ok,
+        "ttft_s": ttft if ok else None,
+        "e2e_s": e2e,
+        "output_tokens": out if ok else None,
+        "input_tokens": inp if ok else None,
+        "tpot_s": (e2e - ttft) / (out - 1) if ok and out > 1 else None,
+        "itl_s": itl or [],
+        "token_source": "usage",
+        "error": None if ok else "APIStatusError 500: x",
+    }
 
 
 def test_distribution_matches_numpy():
@@ -25,11 +33,13 @@ def test_distribution_matches_numpy():
 
 def test_goodput_counts_requests_within_every_limit():
     slo = stats.SLO(ttft_ms=100, tpot_ms=20, percentile=50)
-    records = [rec(0.05, 0.15),            # ttft 50 ms, tpot 10 ms: good
-               rec(0.20, 0.30),            # ttft 200 ms: bad
-               rec(0.05, 0.55),            # tpot 50 ms: bad
-               rec(0.05, 0.10, out=1),     # one token: no tpot, ttft ok: good
-               rec(0, 1.0, ok=False)]      # error
+    records = [
+        rec(0.05, 0.15),  # ttft 50 ms, tpot 10 ms: good
+        rec(0.20, 0.30),  # ttft 200 ms: bad
+        rec(0.05, 0.55),  # tpot 50 ms: bad
+        rec(0.05, 0.10, out=1),  # one token: no tpot, ttft ok: good
+        rec(0, 1.0, ok=False),
+    ]  # error
     s = stats.summarize(records, wall_s=2.0, slo=slo)
     assert s["requests"] == 5 and s["ok"] == 4 and s["errors"] == 1 and s["error_rate"] == 0.2
     assert s["goodput"]["requests"] == 2 and s["goodput"]["requests_per_s"] == 1.0
@@ -38,7 +48,9 @@ def test_goodput_counts_requests_within_every_limit():
     assert s["goodput"]["prefill_time_share"] == pytest.approx((0.05 + 0.05) / (0.15 + 0.10))
     assert s["request_throughput"] == 2.0 and s["output_tokens_per_s"] == (11 * 3 + 1) / 2
     assert not s["meets_slo"]  # error rate 20% > 0
-    assert s["timeouts"] == 0 and stats.summarize([{**rec(0, 1.0, ok=False), "timeout": True}], 1.0, slo)["timeouts"] == 1
+    assert (
+        s["timeouts"] == 0 and stats.summarize([{**rec(0, 1.0, ok=False), "timeout": True}], 1.0, slo)["timeouts"] == 1
+    )
     ok_only = stats.summarize(records[:4], 2.0, slo)
     # P50 of TTFT (50, 200, 50, 50 ms) = 50 ms; P50 of TPOT (10, 10, 50 ms) = 10 ms: the level meets the SLO
     assert ok_only["slo_checks"]["ttft_s"]["value"] == pytest.approx(0.05) and ok_only["meets_slo"]
@@ -58,8 +70,18 @@ def test_best_level_is_the_highest_meeting_the_slo():
 
 
 def hw(**kw):
-    base = dict(name="box", kind="owned", purchase_usd=3600, amortization_months=36, power_w=500, idle_power_w=100,
-                usd_per_kwh=0.2, utilization=0.5, source="test", as_of=dt.date(2026, 1, 1))
+    base = dict(
+        name="box",
+        kind="owned",
+        purchase_usd=3600,
+        amortization_months=36,
+        power_w=500,
+        idle_power_w=100,
+        usd_per_kwh=0.2,
+        utilization=0.5,
+        source="test",
+        as_of=dt.date(2026, 1, 1),
+    )
     return cost.Hardware(**{**base, **kw})
 
 
@@ -78,15 +100,28 @@ def test_owned_hardware_cost_formulas():
     assert own["usd_per_1m_input"] == pytest.approx(0.25 * monthly / (300 * 3600 * busy) * 1e6)
     assert own["usd_per_1m_output"] == pytest.approx(0.75 * monthly / (100 * 3600 * busy) * 1e6)
     # the input and output parts add back up to the whole month
-    assert (own["usd_per_1m_input"] * own["input_tokens_per_month"] + own["usd_per_1m_output"] * own["output_tokens_per_month"]) / 1e6 == pytest.approx(monthly)
+    assert (
+        own["usd_per_1m_input"] * own["input_tokens_per_month"]
+        + own["usd_per_1m_output"] * own["output_tokens_per_month"]
+    ) / 1e6 == pytest.approx(monthly)
 
 
 def test_break_even_volume_solves_cost_equality():
     h = hw()
     g = {"input_tokens_per_s": 300.0, "output_tokens_per_s": 100.0, "prefill_time_share": 0.25}
     own = cost.self_hosting(h, g)
-    prices = cost.ApiPrices(models=[cost.ApiPrice(name="api", provider="p", input_usd_per_1m=1.0, output_usd_per_1m=4.0,
-                                                  source="s", as_of=dt.date(2026, 1, 1))])
+    prices = cost.ApiPrices(
+        models=[
+            cost.ApiPrice(
+                name="api",
+                provider="p",
+                input_usd_per_1m=1.0,
+                output_usd_per_1m=4.0,
+                source="s",
+                as_of=dt.date(2026, 1, 1),
+            )
+        ]
+    )
     (row,) = cost.versus_apis(own, prices, 400.0)
     a = (0.75 * 1.0 + 0.25 * 4.0) / 1e6
     assert row["blended_usd_per_1m"] == pytest.approx(a * 1e6)
@@ -112,8 +147,8 @@ def test_lora_break_even_machines():
     assert be["ratio"] == pytest.approx(0.8) and be["break_even_traffic_per_adapter_tokens_per_s"] == pytest.approx(800)
     rows = {(r["adapters"], r["traffic_per_adapter_share_of_machine"]): r for r in be["rows"]}
     assert (rows[(4, 0.1)]["machines_merged"], rows[(4, 0.1)]["machines_multi_lora"]) == (4, 1)
-    assert (rows[(4, 0.7)]["machines_merged"], rows[(4, 0.7)]["machines_multi_lora"]) == (4, 4)   # 2.8/0.8 = 3.5
-    assert (rows[(4, 0.9)]["machines_merged"], rows[(4, 0.9)]["machines_multi_lora"]) == (4, 5)   # above r: merged wins
+    assert (rows[(4, 0.7)]["machines_merged"], rows[(4, 0.7)]["machines_multi_lora"]) == (4, 4)  # 2.8/0.8 = 3.5
+    assert (rows[(4, 0.9)]["machines_merged"], rows[(4, 0.9)]["machines_multi_lora"]) == (4, 5)  # above r: merged wins
     assert (rows[(1, 2.0)]["machines_merged"], rows[(1, 2.0)]["machines_multi_lora"]) == (2, 3)
     assert all(r["monthly_usd_merged"] is None for r in be["rows"])
 
@@ -143,7 +178,7 @@ def test_bench_config_levels_and_poisson_needs_a_rate():
 def test_poisson_schedule_sends_every_request_no_earlier_than_its_seeded_arrival():
     import asyncio
 
-    from ftx.bench import client
+    from ftx.bench.loads import PROFILES
 
     cfg = BenchConfig(mode="poisson", rate=2000.0, requests=200, warmup=0)
     sent = []
@@ -154,7 +189,7 @@ def test_poisson_schedule_sends_every_request_no_earlier_than_its_seeded_arrival
     async def go():
         tasks = []
         t0 = asyncio.get_running_loop().time()
-        await client._schedule(cfg, "poisson", 2000.0, 0, np.random.default_rng(7), None, send, tasks)
+        await PROFILES["poisson"].schedule(cfg, 2000.0, np.random.default_rng(7), None, send, tasks)
         await asyncio.gather(*tasks)
         return t0
 
@@ -182,7 +217,7 @@ def test_a_level_stops_sending_at_its_duration():
     import asyncio
     import time
 
-    from ftx.bench import client
+    from ftx.bench.loads import PROFILES
 
     cfg = BenchConfig(mode="concurrency", concurrency=2, requests=1000, warmup=0, duration_s=0.2)
     sent = []
@@ -194,7 +229,7 @@ def test_a_level_stops_sending_at_its_duration():
     async def go():
         tasks = []
         deadline = time.perf_counter() + cfg.duration_s
-        await client._schedule(cfg, "concurrency", 2, 2, np.random.default_rng(0), deadline, send, tasks)
+        await PROFILES["concurrency"].schedule(cfg, 2, np.random.default_rng(0), deadline, send, tasks)
         await asyncio.gather(*tasks)
 
     asyncio.run(go())

@@ -4,7 +4,6 @@ nothing written to the output directory."""
 import re
 import subprocess
 
-
 from .conftest import FTX
 
 
@@ -36,7 +35,9 @@ def test_wrong_type(recipe_copy, tmp_path):
 def test_missing_dataset_file(recipe_copy, tmp_path):
     (recipe_copy.parent / "data" / "quickstart_heldout.jsonl").unlink()
     proc = run_cli("recipe", "run", recipe_copy, f"output_dir={tmp_path / 'out'}")
-    assert_clean_failure(proc, tmp_path / "out", rf"{re.escape(str(recipe_copy))}:\d+: data\.heldout: file not found: .*")
+    assert_clean_failure(
+        proc, tmp_path / "out", rf"{re.escape(str(recipe_copy))}:\d+: data\.heldout: file not found: .*"
+    )
 
 
 def test_malformed_jsonl_line(recipe_copy, tmp_path):
@@ -50,11 +51,16 @@ def test_malformed_jsonl_line(recipe_copy, tmp_path):
 
 def test_serve_adapter_of_the_wrong_kind_for_the_engine(recipe_copy, tmp_path):
     # vLLM serves peft adapter directories: a file (here a dataset) is refused at load time, on its line
-    recipe_copy.write_text(recipe_copy.read_text().replace(
-        "  quant: auto", "  adapters:\n    other: data/quickstart.jsonl\n  quant: auto"))
+    recipe_copy.write_text(
+        recipe_copy.read_text().replace("  quant: auto", "  adapters:\n    other: data/quickstart.jsonl\n  quant: auto")
+    )
     proc = run_cli("recipe", "run", recipe_copy, "serve.engine=vllm", f"output_dir={tmp_path / 'out'}")
-    assert_clean_failure(proc, tmp_path / "out",
-                         rf"{re.escape(str(recipe_copy))}:4\d: serve\.adapters\.other: dir not found: .*quickstart\.jsonl")
+    line = next(i for i, t in enumerate(recipe_copy.read_text().splitlines(), 1) if "other:" in t)
+    assert_clean_failure(
+        proc,
+        tmp_path / "out",
+        rf"{re.escape(str(recipe_copy))}:{line}: serve\.adapters\.other: dir not found: .*quickstart\.jsonl.*",
+    )
 
 
 def test_bad_override(tmp_path):
@@ -65,8 +71,16 @@ def test_bad_override(tmp_path):
 
 
 def test_help_does_not_import_torch():
-    proc = subprocess.run([*FTX[:1], "-c", "import sys; from ftx.cli import cli; "
-                           "sys.argv=['ftx','--help']\ntry: cli()\nexcept SystemExit: pass\n"
-                           "print('torch' in sys.modules, 'transformers' in sys.modules)"],
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [
+            *FTX[:1],
+            "-c",
+            "import sys; from ftx.cli import cli; "
+            "sys.argv=['ftx','--help']\ntry: cli()\nexcept SystemExit: pass\n"
+            "print('torch' in sys.modules, 'transformers' in sys.modules)",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.stdout.strip().endswith("False False"), proc.stdout

@@ -5,13 +5,23 @@ import json
 
 import pytest
 
-from ftx import data
-from ftx.errors import FtxError
+from ftx.core import chat, splits
+from ftx.core import rows as datarows
+from ftx.core.errors import FtxError
+from ftx.stages import data as stage
 
-CHAT = {"messages": [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Hi"},
-                     {"role": "assistant", "content": "Hello."}]}
-EXPECTED_CHAT = [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Hi"},
-                 {"role": "assistant", "content": "Hello."}]
+CHAT = {
+    "messages": [
+        {"role": "system", "content": "Be terse."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello."},
+    ]
+}
+EXPECTED_CHAT = [
+    {"role": "system", "content": "Be terse."},
+    {"role": "user", "content": "Hi"},
+    {"role": "assistant", "content": "Hello."},
+]
 
 
 def jsonl(tmp_path, rows, name="d.jsonl"):
@@ -20,32 +30,52 @@ def jsonl(tmp_path, rows, name="d.jsonl"):
     return p
 
 
-@pytest.mark.parametrize("row, fmt, expected", [
-    (CHAT, "chat", {"messages": EXPECTED_CHAT}),
-    ({"instruction": "Add", "input": "2 and 3", "output": "5"}, "alpaca",
-     {"messages": [{"role": "user", "content": "Add\n\n2 and 3"}, {"role": "assistant", "content": "5"}]}),
-    ({"instruction": "Say hi", "input": "", "output": "hi"}, "alpaca",
-     {"messages": [{"role": "user", "content": "Say hi"}, {"role": "assistant", "content": "hi"}]}),
-    ({"prompt": "2+2?", "completion": "4"}, "completion",
-     {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]}),
-    ({"text": "Once upon a time."}, "text", {"text": "Once upon a time."}),
-    ({"prompt": "Capital of France?", "chosen": "Paris", "rejected": "Rome"}, "preference",
-     {"prompt": [{"role": "user", "content": "Capital of France?"}], "chosen": "Paris", "rejected": "Rome"}),
-    ({"prompt": [{"role": "user", "content": "Q"}], "chosen": [{"role": "user", "content": "Q"},
-      {"role": "assistant", "content": "good"}], "rejected": [{"role": "user", "content": "Q"},
-      {"role": "assistant", "content": "bad"}]}, "preference",
-     {"prompt": [{"role": "user", "content": "Q"}], "chosen": "good", "rejected": "bad"}),
-])
+@pytest.mark.parametrize(
+    "row, fmt, expected",
+    [
+        (CHAT, "chat", {"messages": EXPECTED_CHAT}),
+        (
+            {"instruction": "Add", "input": "2 and 3", "output": "5"},
+            "alpaca",
+            {"messages": [{"role": "user", "content": "Add\n\n2 and 3"}, {"role": "assistant", "content": "5"}]},
+        ),
+        (
+            {"instruction": "Say hi", "input": "", "output": "hi"},
+            "alpaca",
+            {"messages": [{"role": "user", "content": "Say hi"}, {"role": "assistant", "content": "hi"}]},
+        ),
+        (
+            {"prompt": "2+2?", "completion": "4"},
+            "completion",
+            {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]},
+        ),
+        ({"text": "Once upon a time."}, "text", {"text": "Once upon a time."}),
+        (
+            {"prompt": "Capital of France?", "chosen": "Paris", "rejected": "Rome"},
+            "preference",
+            {"prompt": [{"role": "user", "content": "Capital of France?"}], "chosen": "Paris", "rejected": "Rome"},
+        ),
+        (
+            {
+                "prompt": [{"role": "user", "content": "Q"}],
+                "chosen": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "good"}],
+                "rejected": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "bad"}],
+            },
+            "preference",
+            {"prompt": [{"role": "user", "content": "Q"}], "chosen": "good", "rejected": "bad"},
+        ),
+    ],
+)
 def test_formats_are_detected_and_normalized(tmp_path, row, fmt, expected):
-    examples, report = data.load(jsonl(tmp_path, [row, row]))
+    examples, report = datarows.load(jsonl(tmp_path, [row, row]))
     assert report.format == fmt and examples == [expected, expected]
 
 
 def test_explicit_format_overrides_detection(tmp_path):
     p = jsonl(tmp_path, [{"prompt": "a", "completion": "b", "text": "ignored"}])
-    assert data.load(p, fmt="completion")[1].format == "completion"
+    assert datarows.load(p, fmt="completion")[1].format == "completion"
     with pytest.raises(FtxError, match=r"d.jsonl:1: text: missing"):
-        data.load(jsonl(tmp_path, [{"prompt": "a", "completion": "b"}]), fmt="text")
+        datarows.load(jsonl(tmp_path, [{"prompt": "a", "completion": "b"}]), fmt="text")
 
 
 def test_file_types(tmp_path):
@@ -59,37 +89,37 @@ def test_file_types(tmp_path):
     import pyarrow.parquet as pq
 
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "d.parquet")
-    results = {s: data.load(tmp_path / f"d.{s}")[0] for s in ("json", "csv", "parquet")}
-    assert results["json"] == results["csv"] == results["parquet"] == data.load(jsonl(tmp_path, rows))[0]
+    results = {s: datarows.load(tmp_path / f"d.{s}")[0] for s in ("json", "csv", "parquet")}
+    assert results["json"] == results["csv"] == results["parquet"] == datarows.load(jsonl(tmp_path, rows))[0]
     (tmp_path / "d.txt").write_text("x")
     with pytest.raises(FtxError, match="unsupported file type"):
-        data.load(tmp_path / "d.txt")
+        datarows.load(tmp_path / "d.txt")
 
 
 def test_csv_errors_name_the_csv_line(tmp_path):
     p = tmp_path / "d.csv"
     p.write_text("prompt,completion\nhi,there\nempty,\n")
     with pytest.raises(FtxError, match=rf"^{p}:3: completion: empty$"):
-        data.load(p)
+        datarows.load(p)
 
 
 def test_skip_policy_drops_and_counts(tmp_path):
     bad_role = {"messages": [{"role": "robot", "content": "x"}, {"role": "assistant", "content": "y"}]}
     empty = {"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": ""}]}
     p = jsonl(tmp_path, [CHAT, "{broken", bad_role, CHAT, empty, empty])
-    examples, report = data.load(p, on_error="skip")
+    examples, report = datarows.load(p, on_error="skip")
     assert len(examples) == 2 and report.rows_read == 6 and report.rows_kept == 2
     assert report.dropped == {"json: invalid JSON": 1, "messages: unknown role": 1, "messages: empty response": 2}
     assert report.problems[0].startswith(f"{p}:2: json: invalid JSON")
     with pytest.raises(FtxError, match=rf"^{p}:2: json: invalid JSON"):
-        data.load(p, on_error="fail")
+        datarows.load(p, on_error="fail")
 
 
 def test_dedupe_exact_and_normalized():
     a = {"messages": [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4"}]}
     b = {"messages": [{"role": "user", "content": "what  is 2+2? "}, {"role": "assistant", "content": "4"}]}
     c = {"messages": [{"role": "user", "content": "What is 3+3?"}, {"role": "assistant", "content": "6"}]}
-    kept, counts = data.dedupe([a, a, b, c])
+    kept, counts = splits.dedupe([a, a, b, c])
     assert kept == [a, c] and counts == {"exact": 1, "normalized": 1}
 
 
@@ -100,7 +130,7 @@ def test_leakage_across_splits_is_removed():
     train = [ex("Capital of France?", "Paris")]
     val = [ex("capital of  France?", "It is Paris"), ex("Capital of Peru?", "Lima")]
     test = [ex("Capital of Peru?", "Lima!")]
-    (val2, test2), removed, near = data.remove_leakage(train, val, test)
+    (val2, test2), removed, near = splits.remove_leakage(train, val, test)
     assert val2 == [val[1]] and test2 == [] and (removed, near) == (2, 0)
 
 
@@ -110,25 +140,29 @@ def test_near_duplicate_prompts_across_splits_are_removed():
 
     long_q = "Summarize the following report about quarterly revenue growth in the northern region for the board"
     train = [ex(long_q), ex("What is 17 + 25?")]
-    val = [ex(long_q.replace("the board", "the board please")),  # one word added: near duplicate
-           ex("What is 18 + 25?"),                              # same template, different question: kept
-           ex("Translate 'good morning' into French")]
-    (val2,), exact, near = data.remove_leakage(train, val, near_dup_threshold=0.8)
+    val = [
+        ex(long_q.replace("the board", "the board please")),  # one word added: near duplicate
+        ex("What is 18 + 25?"),  # same template, different question: kept
+        ex("Translate 'good morning' into French"),
+    ]
+    (val2,), exact, near = splits.remove_leakage(train, val, near_dup_threshold=0.8)
     assert val2 == val[1:] and (exact, near) == (0, 1)
-    (val3,), _, near_off = data.remove_leakage(train, val)  # off by default in the function
+    (val3,), _, near_off = splits.remove_leakage(train, val)  # off by default in the function
     assert val3 == val and near_off == 0
-    sim = data.jaccard(data.shingles(long_q), data.shingles(long_q + " please"))
+    sim = splits.jaccard(splits.shingles(long_q), splits.shingles(long_q + " please"))
     assert 0.8 < sim < 1
 
 
 def test_data_stage_reports_and_writes_splits(tmp_path):
     rows = [{"prompt": f"q{i}", "completion": f"a{i}"} for i in range(50)] + [{"prompt": "q0", "completion": "a0"}]
-    cfg = data.DataConfig(path=jsonl(tmp_path, rows), val_fraction=0.1, test_fraction=0.1, seed=1)
+    cfg = stage.DataConfig(path=jsonl(tmp_path, rows), val_fraction=0.1, test_fraction=0.1, seed=1)
     out = tmp_path / "out"
     out.mkdir()
-    r = data.run(cfg, out)
+    r = stage.run(cfg, out)
     assert (r.train_rows, r.val_rows, r.test_rows) == (40, 5, 5) and r.duplicates_removed["exact"] == 1
-    prompts = [{json.dumps(e["messages"][0]) for e in data.read_examples(out / f"{s}.jsonl")} for s in ("train", "val", "test")]
+    prompts = [
+        {json.dumps(e["messages"][0]) for e in chat.read_examples(out / f"{s}.jsonl")} for s in ("train", "val", "test")
+    ]
     assert not (prompts[0] & prompts[1]) and not (prompts[0] & prompts[2]) and not (prompts[1] & prompts[2])
 
 
@@ -136,17 +170,21 @@ def test_data_stage_reports_and_writes_splits(tmp_path):
 def smollm_tokenizer():
     from transformers import AutoTokenizer
 
-    from ftx import basemodel
+    from ftx.core import basemodel
 
     return AutoTokenizer.from_pretrained(basemodel.resolve("smollm2-135m-instruct"))
 
 
 def test_label_mask_is_exactly_the_assistant_turns(smollm_tokenizer):
     tok = smollm_tokenizer
-    msgs = [{"role": "system", "content": "You answer briefly."},
-            {"role": "user", "content": "Name a color."}, {"role": "assistant", "content": "Blue."},
-            {"role": "user", "content": "Another one?"}, {"role": "assistant", "content": "Green, 42 times."}]
-    r = data.render(tok, msgs, 4096)
+    msgs = [
+        {"role": "system", "content": "You answer briefly."},
+        {"role": "user", "content": "Name a color."},
+        {"role": "assistant", "content": "Blue."},
+        {"role": "user", "content": "Another one?"},
+        {"role": "assistant", "content": "Green, 42 times."},
+    ]
+    r = chat.render(tok, msgs, 4096)
     assert r["input_ids"] == list(tok.apply_chat_template(msgs, tokenize=True, return_dict=True)["input_ids"])
     spans, cur = [], []
     for tid, lab in zip(r["input_ids"], r["labels"]):
@@ -162,10 +200,10 @@ def test_label_mask_is_exactly_the_assistant_turns(smollm_tokenizer):
 
 
 def test_text_rows_train_on_every_token(smollm_tokenizer):
-    r = data.render_example(smollm_tokenizer, {"text": "Plain text for pretraining."}, 512)
+    r = chat.render_example(smollm_tokenizer, {"text": "Plain text for pretraining."}, 512)
     assert r["labels"] == r["input_ids"] and r["input_ids"][-1] == smollm_tokenizer.eos_token_id
-    with pytest.raises(FtxError, match="DPO"):
-        data.render_example(smollm_tokenizer, {"prompt": [], "chosen": "a", "rejected": "b"}, 512)
+    with pytest.raises(FtxError, match="for the dpo stage"):
+        chat.render_example(smollm_tokenizer, {"prompt": [], "chosen": "a", "rejected": "b"}, 512)
 
 
 def test_cli_data_validate_split_inspect(tmp_path):
@@ -179,12 +217,15 @@ def test_cli_data_validate_split_inspect(tmp_path):
     assert f"{bad}:2: json: invalid JSON" in proc.stderr and f"{bad}:3: messages: last turn" in proc.stderr
     rows = [{"instruction": f"q{i}", "output": f"a{i}"} for i in range(30)]
     src = jsonl(tmp_path, rows, "alpaca.jsonl")
-    proc = subprocess.run([*FTX, "data", "split", str(src), "--out", str(tmp_path / "split")],
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [*FTX, "data", "split", str(src), "--out", str(tmp_path / "split")], capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == 0, proc.stderr
-    counts = [len(data.read_examples(tmp_path / "split" / f"{s}.jsonl")) for s in ("train", "val", "test")]
+    counts = [len(chat.read_examples(tmp_path / "split" / f"{s}.jsonl")) for s in ("train", "val", "test")]
     assert counts == [24, 3, 3]
     png = tmp_path / "len.png"
-    proc = subprocess.run([*FTX, "data", "inspect", str(src), "--png", str(png)], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [*FTX, "data", "inspect", str(src), "--png", str(png)], capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr
     assert "tokens per row" in proc.stderr and png.read_bytes()[:4] == b"\x89PNG"

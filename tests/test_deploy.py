@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from ftx import deploy
-from ftx.errors import FtxError
+from ftx.core.errors import FtxError
 
 from .conftest import FTX
 
@@ -27,8 +27,9 @@ def test_shipped_serve_configs_validate():
 
 def test_rendered_manifests_validate_against_kubernetes_schemas(tmp_path):
     out = tmp_path / "deploy.yaml"
-    proc = subprocess.run([*FTX, "serve", "k8s", str(MULTI), "--out", str(out)], capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run(
+        [*FTX, "serve", "k8s", str(MULTI), "--out", str(out)], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr
     docs = list(yaml.safe_load_all(out.read_text()))
     assert [d["kind"] for d in docs] == ["Deployment", "Service"]
@@ -55,11 +56,17 @@ def test_rendered_manifests_validate_against_kubernetes_schemas(tmp_path):
     assert "&id" not in out.read_text()  # plain YAML, no anchors
 
 
-@pytest.mark.parametrize("mutate, where", [
-    (lambda d: d[0]["spec"].__setitem__("replicas", "two"), "spec.replicas"),
-    (lambda d: d[0]["spec"]["template"]["spec"]["containers"][1].__setitem__("readinessprobe", {}), "readinessprobe"),
-    (lambda d: d[1]["spec"]["ports"][0].pop("port"), "port"),
-])
+@pytest.mark.parametrize(
+    "mutate, where",
+    [
+        (lambda d: d[0]["spec"].__setitem__("replicas", "two"), "spec.replicas"),
+        (
+            lambda d: d[0]["spec"]["template"]["spec"]["containers"][1].__setitem__("readinessprobe", {}),
+            "readinessprobe",
+        ),
+        (lambda d: d[1]["spec"]["ports"][0].pop("port"), "port"),
+    ],
+)
 def test_the_validator_rejects_broken_manifests(mutate, where):
     docs = deploy.manifests(deploy.load(MULTI).model, {"json": 8})
     deploy.validate(docs)
@@ -80,14 +87,16 @@ def test_serve_config_errors_name_file_line_and_key(tmp_path):
     cfg.write_text("engine: llamacpp\ngguf: missing.gguf\n")
     doc = deploy.load(cfg)
     with pytest.raises(FtxError, match=r"s\.yaml:2: gguf: file not found"):
-        deploy.local_paths(doc)
+        deploy.local(doc)
     cfg.write_text("engine: llamacpp\ngguf: x.gguf\nkubernetes: {}\n")
     with pytest.raises(FtxError, match="engine vllm only"):
         deploy.load(cfg)
-    proc = subprocess.run([*FTX, "serve", "k8s", str(MULTI), "--set", "kubernetes.replicas=-1"],
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and re.fullmatch(r"error: override 'kubernetes\.replicas=-1': kubernetes\.replicas: .*",
-                                                 proc.stderr.strip()), proc.stderr
+    proc = subprocess.run(
+        [*FTX, "serve", "k8s", str(MULTI), "kubernetes.replicas=-1"], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 2 and re.fullmatch(
+        r"error: override 'kubernetes\.replicas=-1': kubernetes\.replicas: .*", proc.stderr.strip()
+    ), proc.stderr
 
 
 def test_max_lora_rank_from_the_adapters_or_the_config(tmp_path):

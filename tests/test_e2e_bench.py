@@ -18,27 +18,36 @@ pytestmark = pytest.mark.e2e
 
 @pytest.fixture(scope="module")
 def endpoint(quickstart_run, tmp_path_factory):
-    from ftx.serve import ServeConfig, running
+    from ftx.serving import ServeSettings, start
 
     log = tmp_path_factory.mktemp("bench-server") / "server.log"
-    with running(ServeConfig(parallel=4, ctx_size=4096), quickstart_run["dir"] / "model-q4_k_m.gguf", "qs", log) as ep:
+    settings = ServeSettings(llamacpp={"parallel": 4, "ctx_size": 4096})
+    with start(settings, quickstart_run["dir"] / "model-q4_k_m.gguf", "qs", log) as ep:
         yield ep
 
 
-@pytest.fixture(scope="module")
-def base_dir(quickstart_run):
-    return quickstart_run["manifest"]["inputs"]["base_model"]["path"]
-
-
 def bench(ep, out, *args, key=None, timeout=600):
-    cmd = [*FTX, "bench", "--base-url", ep.base_url, "--model", "qs", "--api-key", key or ep.api_key,
-           "--out", str(out), *map(str, args)]
+    cmd = [
+        *FTX,
+        "bench",
+        "--base-url",
+        ep.base_url,
+        "--model",
+        "qs",
+        "--api-key",
+        key or ep.api_key,
+        "--out",
+        str(out),
+        *map(str, args),
+    ]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
 
 
 def load(out):
-    return (json.loads((out / "summary.json").read_text()),
-            [json.loads(line) for line in open(out / "records.jsonl")])
+    return (
+        json.loads((out / "summary.json").read_text()),
+        [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()],
+    )
 
 
 def test_poisson_synthetic_prompts_have_exact_lengths(endpoint, base_dir, tmp_path):
@@ -46,16 +55,34 @@ def test_poisson_synthetic_prompts_have_exact_lengths(endpoint, base_dir, tmp_pa
     from transformers import AutoTokenizer
 
     out = tmp_path / "poisson"
-    proc = bench(endpoint, out, "--mode", "poisson", "--rate", 50, "--requests", 12, "--synthetic", 40,
-                 "--tokenizer", base_dir, "--max-tokens", 16, "--seed", 3)
+    proc = bench(
+        endpoint,
+        out,
+        "--mode",
+        "poisson",
+        "--rate",
+        50,
+        "--requests",
+        12,
+        "--synthetic",
+        40,
+        "--tokenizer",
+        base_dir,
+        "--max-tokens",
+        16,
+        "--seed",
+        3,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary, records = load(out)
     assert summary["mode"] == "poisson" and [lv["level"] for lv in summary["targets"][0]["levels"]] == [50]
     assert len(records) == 12 and all(r["ok"] for r in records)
     assert all(r["output_tokens"] == 16 for r in records)  # ignore_eos is on for synthetic prompts
     tok = AutoTokenizer.from_pretrained(base_dir)
-    overhead = len(tok.apply_chat_template([{"role": "user", "content": "x"}], add_generation_prompt=True,
-                                           return_dict=False)) - 1
+    overhead = (
+        len(tok.apply_chat_template([{"role": "user", "content": "x"}], add_generation_prompt=True, return_dict=False))
+        - 1
+    )
     assert {r["input_tokens"] for r in records} == {40 + overhead}  # server-counted, chat template included
     # open loop: arrivals do not wait for answers, so more requests are in flight than the server has slots (4)
     events = sorted([(r["start_s"], 1) for r in records] + [(r["start_s"] + r["e2e_s"], -1) for r in records])
@@ -66,7 +93,7 @@ def test_poisson_synthetic_prompts_have_exact_lengths(endpoint, base_dir, tmp_pa
 def test_sweep_burst_and_token_fallback_matches_server_usage(endpoint, base_dir, tmp_path, quickstart_run):
     """A burst sweep: each level sends everything at once. The tokenizer fallback counts what the server counts."""
     from ftx.bench import prompts as P
-    from ftx.data import read_split
+    from ftx.core.chat import read_split
 
     prompts = tmp_path / "p.jsonl"
     held = read_split(quickstart_run["dir"] / "stages" / "data" / "heldout.jsonl")
@@ -91,21 +118,54 @@ def test_two_targets_side_by_side_and_compare_command(endpoint, tmp_path):
     """Two names for the same endpoint: ratio columns near 1 in one run, and `ftx bench compare` of two runs."""
     out = tmp_path / "two"
     url = endpoint.base_url
-    proc = subprocess.run(list(map(str, [*FTX, "bench", "--target", f"a={url}@qs", "--target", f"b={url}@qs",
-                                         "--synthetic", 24, "--max-tokens", 8, "--requests", 6, "--concurrency", 2,
-                                         "--api-key", endpoint.api_key, "--out", out])),
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        list(
+            map(
+                str,
+                [
+                    *FTX,
+                    "bench",
+                    "--target",
+                    f"a={url}@qs",
+                    "--target",
+                    f"b={url}@qs",
+                    "--synthetic",
+                    24,
+                    "--max-tokens",
+                    8,
+                    "--requests",
+                    6,
+                    "--concurrency",
+                    2,
+                    "--api-key",
+                    endpoint.api_key,
+                    "--out",
+                    out,
+                ],
+            )
+        ),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary, records = load(out)
     assert [t["name"] for t in summary["targets"]] == ["a", "b"] and len(records) == 12
     row = summary["compare"][0]["targets"]["b"]
     assert row["ratio_to_first"]["output tok/s"] == pytest.approx(
-        row["values"]["output tok/s"] / summary["compare"][0]["targets"]["a"]["values"]["output tok/s"])
+        row["values"]["output tok/s"] / summary["compare"][0]["targets"]["a"]["values"]["output tok/s"]
+    )
     assert "b / a" in (out / "compare.md").read_text()
     out2 = tmp_path / "one"
-    assert bench(endpoint, out2, "--synthetic", 24, "--max-tokens", 8, "--requests", 6, "--concurrency", 2).returncode == 0
-    proc = subprocess.run([*FTX, "bench", "compare", str(out), str(out2), "--names", "first,second",
-                           "--lora-break-even"], capture_output=True, text=True, timeout=120)
+    assert (
+        bench(endpoint, out2, "--synthetic", 24, "--max-tokens", 8, "--requests", 6, "--concurrency", 2).returncode == 0
+    )
+    proc = subprocess.run(
+        [*FTX, "bench", "compare", str(out), str(out2), "--names", "first,second", "--lora-break-even"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "second / first" in proc.stdout and "machines multi-LoRA" in proc.stdout
 
@@ -119,8 +179,9 @@ def test_server_errors_and_timeouts_are_counted_not_fatal(endpoint, base_dir, tm
     assert summary["errors"] == 4 and all(not r["ok"] and "400" in r["error"] for r in records)
     assert summary["targets"][0]["levels"][0]["summary"]["meets_slo"] is False and summary["best"] is None
     out = tmp_path / "timeouts"
-    proc = bench(endpoint, out, "--synthetic", 32, "--max-tokens", 200, "--requests", 3, "--warmup", 0,
-                 "--timeout", 0.05)
+    proc = bench(
+        endpoint, out, "--synthetic", 32, "--max-tokens", 200, "--requests", 3, "--warmup", 0, "--timeout", 0.05
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary, records = load(out)
     lv = summary["targets"][0]["levels"][0]["summary"]
@@ -128,15 +189,29 @@ def test_server_errors_and_timeouts_are_counted_not_fatal(endpoint, base_dir, tm
 
 
 def test_bad_endpoints_fail_before_any_load(endpoint, tmp_path):
-    from ftx.serve import free_port
+    from ftx.core.procs import free_port
 
-    cases = [(dict(), f"http://127.0.0.1:{free_port('127.0.0.1')}/v1", "is not reachable"),
-             (dict(key="wrong"), None, "rejected the API key"),
-             (dict(model="nope"), None, "does not serve 'nope'")]
+    cases = [
+        (dict(), f"http://127.0.0.1:{free_port('127.0.0.1')}/v1", "is not reachable"),
+        (dict(key="wrong"), None, "rejected the API key"),
+        (dict(model="nope"), None, "does not serve 'nope'"),
+    ]
     for kw, url, msg in cases:
         out = tmp_path / "x"
-        cmd = [*FTX, "bench", "--base-url", url or endpoint.base_url, "--model", kw.get("model", "qs"),
-               "--api-key", kw.get("key", endpoint.api_key), "--synthetic", 8, "--out", str(out)]
+        cmd = [
+            *FTX,
+            "bench",
+            "--base-url",
+            url or endpoint.base_url,
+            "--model",
+            kw.get("model", "qs"),
+            "--api-key",
+            kw.get("key", endpoint.api_key),
+            "--synthetic",
+            8,
+            "--out",
+            str(out),
+        ]
         proc = subprocess.run(list(map(str, cmd)), capture_output=True, text=True, timeout=120)
         lines = [line for line in proc.stderr.splitlines() if line.strip()]
         assert proc.returncode == 2 and len(lines) == 1 and msg in lines[0], proc.stderr
@@ -145,9 +220,28 @@ def test_bad_endpoints_fail_before_any_load(endpoint, tmp_path):
 
 def test_ctrl_c_writes_the_partial_results(endpoint, tmp_path):
     out = tmp_path / "interrupted"
-    cmd = [*FTX, "bench", "--base-url", endpoint.base_url, "--model", "qs", "--api-key", endpoint.api_key,
-           "--synthetic", 16, "--max-tokens", 48, "--requests", 400, "--concurrency", 2, "--warmup", 0,
-           "--out", str(out)]
+    cmd = [
+        *FTX,
+        "bench",
+        "--base-url",
+        endpoint.base_url,
+        "--model",
+        "qs",
+        "--api-key",
+        endpoint.api_key,
+        "--synthetic",
+        16,
+        "--max-tokens",
+        48,
+        "--requests",
+        400,
+        "--concurrency",
+        2,
+        "--warmup",
+        0,
+        "--out",
+        str(out),
+    ]
     proc = subprocess.Popen(list(map(str, cmd)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     # wait until a few requests have finished (each decodes 48 tokens), then Ctrl-C
     start, deadline = _decoded(endpoint), time.time() + 120
@@ -168,7 +262,8 @@ def _decoded(ep) -> float:
     """Tokens the llama-server behind the gateway has decoded so far (its Prometheus counter)."""
     import urllib.request
 
-    req = urllib.request.Request(ep.base_url.removesuffix("/v1") + "/metrics",
-                                 headers={"Authorization": f"Bearer {ep.api_key}"})
+    req = urllib.request.Request(
+        ep.base_url.removesuffix("/v1") + "/metrics", headers={"Authorization": f"Bearer {ep.api_key}"}
+    )
     text = urllib.request.urlopen(req, timeout=5).read().decode()
     return float(re.search(r"^llamacpp:n_decode_total\S*\s+(\S+)", text, re.M).group(1))

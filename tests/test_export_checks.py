@@ -8,8 +8,11 @@ from collections import namedtuple
 
 import pytest
 
-from ftx import basemodel, export, merge
-from ftx.errors import FtxError
+from ftx.core import basemodel
+from ftx.core import gguf as G
+from ftx.core.adapters import check_fits_base
+from ftx.core.errors import FtxError
+from ftx.formats import gguf as fmt
 
 from .conftest import FTX
 
@@ -21,38 +24,40 @@ def gguf(tmp_path_factory):
 
 
 def test_complete_gguf_passes_and_broken_ones_fail(gguf, tmp_path):
-    export.check_gguf(gguf)
+    G.check_gguf(gguf)
     cut = tmp_path / "cut.gguf"
     with open(gguf, "rb") as src:
         cut.write_bytes(src.read(gguf.stat().st_size // 2))
     with pytest.raises(FtxError, match="truncated GGUF|corrupt or truncated") as e:
-        export.check_gguf(cut)
+        G.check_gguf(cut)
     assert str(cut) in str(e.value)
     head = tmp_path / "head.gguf"
     with open(gguf, "rb") as src:
         head.write_bytes(src.read(64))
     with pytest.raises(FtxError, match="corrupt or truncated|truncated GGUF"):
-        export.check_gguf(head)
+        G.check_gguf(head)
     text = tmp_path / "notes.gguf"
     text.write_text("hello")
     with pytest.raises(FtxError, match="not a GGUF file"):
-        export.check_gguf(text)
+        G.check_gguf(text)
 
 
 def test_ftx_serve_refuses_a_truncated_gguf_before_starting(gguf, tmp_path):
     cut = tmp_path / "cut.gguf"
     with open(gguf, "rb") as src:
         cut.write_bytes(src.read(gguf.stat().st_size - 1000))
-    proc = subprocess.run([*FTX, "serve", "--gguf", str(cut), "--port", "0"], capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [*FTX, "serve", "--gguf", str(cut), "--port", "0"], capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == 2 and "truncated GGUF" in proc.stderr and str(cut) in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
 
 
 def test_unsupported_architecture_is_refused_before_conversion(tmp_path):
-    assert "LlamaForCausalLM" in export.converter_architectures()
+    assert "LlamaForCausalLM" in G.converter_architectures()
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["MadeUpForCausalLM"]}))
     with pytest.raises(FtxError, match="MadeUpForCausalLM is not supported"):
-        export.check_architecture(tmp_path)
+        G.check_architecture(tmp_path)
 
 
 def test_adapter_from_another_base_is_refused(tmp_path):
@@ -60,26 +65,32 @@ def test_adapter_from_another_base_is_refused(tmp_path):
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                      num_attention_heads=4, num_key_value_heads=2)
+    cfg = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     torch.manual_seed(0)
     model = get_peft_model(LlamaForCausalLM(cfg), LoraConfig(r=4, target_modules="all-linear"))
     model.save_pretrained(tmp_path / "adapter")
     smol = basemodel.resolve("smollm2-135m-instruct")
     with pytest.raises(FtxError, match="trained on another base model") as e:
-        merge.check_adapter(tmp_path / "adapter", smol)
+        check_fits_base(tmp_path / "adapter", smol)
     assert re.search(r"_proj has (in|out) features (32|64), the base .* has (576|1536|192)", str(e.value))
     assert str(tmp_path / "adapter") in str(e.value)
     (tmp_path / "base").mkdir()
     cfg.save_pretrained(tmp_path / "base")
-    merge.check_adapter(tmp_path / "adapter", tmp_path / "base")  # its own base: fine
+    check_fits_base(tmp_path / "adapter", tmp_path / "base")  # its own base: fine
 
 
 def test_too_little_disk_space_is_refused(tmp_path, monkeypatch):
     (tmp_path / "model.safetensors").write_bytes(b"\0" * 4_000_000)  # ~1M fp32 parameters
     Usage = namedtuple("Usage", "total used free")
-    monkeypatch.setattr(export.shutil, "disk_usage", lambda p: Usage(10**12, 0, 1_000_000))
+    monkeypatch.setattr(fmt.shutil, "disk_usage", lambda p: Usage(10**12, 0, 1_000_000))
     with pytest.raises(FtxError, match="not enough disk space"):
-        export.check_disk(tmp_path, tmp_path, export.ExportConfig())
-    monkeypatch.setattr(export.shutil, "disk_usage", lambda p: Usage(10**12, 0, 10**10))
-    export.check_disk(tmp_path, tmp_path, export.ExportConfig())
+        fmt.check_disk(fmt.GgufSettings(), tmp_path, tmp_path)
+    monkeypatch.setattr(fmt.shutil, "disk_usage", lambda p: Usage(10**12, 0, 10**10))
+    fmt.check_disk(fmt.GgufSettings(), tmp_path, tmp_path)

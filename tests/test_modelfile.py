@@ -7,19 +7,21 @@ import shutil
 
 import pytest
 
-from ftx import basemodel, llamacpp
-from ftx import modelfile as mf
+from ftx.core import basemodel, llamacpp
+from ftx.packaging import modelfile as mf
 
 from .conftest import ROOT
 
 pytestmark = pytest.mark.e2e
 
 # Meta-Llama-3-8B-Instruct's tokenizer_config.json chat_template (Llama-3.0; not among llama.cpp's files)
-LLAMA3_0 = ("{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = "
-            "'<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + "
-            "'<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}"
-            "{{ content }}{% endfor %}{% if add_generation_prompt %}"
-            "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
+LLAMA3_0 = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = "
+    "'<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + "
+    "'<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}"
+    "{{ content }}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
 
 GOLDEN = [  # (family, template file under llama.cpp's models/templates or inline text)
     ("chatml", "Qwen-Qwen2.5-7B-Instruct.jinja"),
@@ -55,7 +57,9 @@ def ggufs(tmp_path_factory):
 
 def _template(source: str, tmp_path):
     path = tmp_path / "chat_template.jinja"
-    text = source if "{%" in source else (llamacpp.home() / "src/vendor/llama.cpp/models/templates" / source).read_text()
+    text = (
+        source if "{%" in source else (llamacpp.home() / "src/vendor/llama.cpp/models/templates" / source).read_text()
+    )
     path.write_text(text)
     return path
 
@@ -89,15 +93,19 @@ def test_llama31_date_header_is_caught(tok, ggufs, tmp_path):
 
 
 def test_unknown_or_subtly_wrong_template_is_not_guessed(tok, ggufs, tmp_path):
-    alpaca = ("{% for m in messages %}{% if m['role'] == 'user' %}### Instruction:\n{{ m['content'] }}\n\n"
-              "{% elif m['role'] == 'assistant' %}### Response:\n{{ m['content'] }}\n\n{% endif %}{% endfor %}"
-              "{% if add_generation_prompt %}### Response:\n{% endif %}")
+    alpaca = (
+        "{% for m in messages %}{% if m['role'] == 'user' %}### Instruction:\n{{ m['content'] }}\n\n"
+        "{% elif m['role'] == 'assistant' %}### Response:\n{{ m['content'] }}\n\n{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}### Response:\n{% endif %}"
+    )
     proof = _prove(tok, ggufs, _template(alpaca, tmp_path), tmp_path)
     assert not proof.proven and proof.family is None
     assert "no Go template family" in proof.reason and set(proof.tried) == set(mf.FAMILIES)
     # ChatML with one newline missing after the role: close, but not ChatML
-    almost = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + m['content'] + '<|im_end|>\n' }}{% endfor %}"
-              "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+    almost = (
+        "{% for m in messages %}{{ '<|im_start|>' + m['role'] + m['content'] + '<|im_end|>\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    )
     proof = _prove(tok, ggufs, _template(almost, tmp_path), tmp_path)
     assert not proof.proven and "chatml" in proof.tried
 
@@ -122,12 +130,23 @@ def test_modelfile_for_smollm2_from_its_gguf(tok, ggufs, tmp_path):
 
 def test_go_renderer_has_ollama_semantics():
     """ftx-gotmpl is Go's text/template with Ollama's data: consecutive same-role messages merged with a blank
-    line, .System = all system messages; a key Ollama does not set prints "<no value>" there too (missingkey=zero
-on an interface map), which is why the family templates use only System, Messages, Role and Content."""
-    t = ('{{ .System }}|{{ range $i, $m := .Messages }}{{ $i }}:{{ .Role }}={{ .Content }};{{ end }}'
-         '{{ .Response }}{{ .Nope }}|{{ len (slice .Messages 1) }}')
-    out = mf.go_render(t, [[{"role": "system", "content": "S"}, {"role": "user", "content": "a"},
-                            {"role": "user", "content": "b"}, {"role": "assistant", "content": "c"}]])
+        line, .System = all system messages; a key Ollama does not set prints "<no value>" there too (missingkey=zero
+    on an interface map), which is why the family templates use only System, Messages, Role and Content."""
+    t = (
+        "{{ .System }}|{{ range $i, $m := .Messages }}{{ $i }}:{{ .Role }}={{ .Content }};{{ end }}"
+        "{{ .Response }}{{ .Nope }}|{{ len (slice .Messages 1) }}"
+    )
+    out = mf.go_render(
+        t,
+        [
+            [
+                {"role": "system", "content": "S"},
+                {"role": "user", "content": "a"},
+                {"role": "user", "content": "b"},
+                {"role": "assistant", "content": "c"},
+            ]
+        ],
+    )
     assert out == ["S|0:system=S;1:user=a\n\nb;2:assistant=c;<no value>|2"]
     with pytest.raises(Exception, match="Go template"):
         mf.go_render("{{ range .Messages }}", [[]])

@@ -3,7 +3,8 @@ of the peak RSS measured while really training SmolLM2 (forward, backward and Ad
 
 import pytest
 
-from ftx import basemodel, plan
+from ftx import plan
+from ftx.core import basemodel
 
 
 @pytest.fixture(scope="module")
@@ -19,8 +20,11 @@ def test_parameter_counts_match_the_real_models(smol):
     assert plan.arch_of(smol).params()["total"] == sum(p.numel() for p in model.parameters())
     assert plan.arch_of("smollm2-135m-instruct") == plan.arch_of(smol)
     # published sizes: Llama-3.1-8B 8.03B, Qwen2.5-7B 7.62B, Mistral-7B 7.25B
-    for name, published in (("meta-llama/Llama-3.1-8B-Instruct", 8.03e9), ("Qwen/Qwen2.5-7B-Instruct", 7.62e9),
-                            ("mistralai/Mistral-7B-Instruct-v0.3", 7.25e9)):
+    for name, published in (
+        ("meta-llama/Llama-3.1-8B-Instruct", 8.03e9),
+        ("Qwen/Qwen2.5-7B-Instruct", 7.62e9),
+        ("mistralai/Mistral-7B-Instruct-v0.3", 7.25e9),
+    ):
         assert plan.arch_of(name).params()["total"] == pytest.approx(published, rel=0.01), name
 
 
@@ -41,6 +45,7 @@ def test_terms_move_the_right_way():
 @pytest.mark.parametrize("method,seq_len,batch", [("lora", 256, 4), ("qlora", 256, 4)])
 def test_estimate_within_25_percent_of_measured_peak_rss(smol, method, seq_len, batch):
     measured = plan.measure(smol, method, seq_len, batch, lora_r=8)["peak_rss_mb"]
-    est = plan.plan(plan.PlanConfig(model=smol, method=method, seq_len=seq_len, batch_size=batch, lora_r=8,
-                                    device="cpu")).total_mb
+    est = plan.plan(
+        plan.PlanConfig(model=smol, method=method, seq_len=seq_len, batch_size=batch, lora_r=8, device="cpu")
+    ).total_mb
     assert abs(est / measured - 1) <= 0.25, (est, measured)

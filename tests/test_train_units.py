@@ -4,8 +4,9 @@ and configurations that cannot work on this machine fail with a clear message be
 import pytest
 import torch
 
-from ftx import train
-from ftx.errors import FtxError
+from ftx.core.chat import collate
+from ftx.core.errors import FtxError
+from ftx.stages import train
 
 
 @pytest.fixture(scope="module")
@@ -13,9 +14,17 @@ def tiny():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                      attn_implementation="sdpa", use_cache=False)
+    cfg = LlamaConfig(
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        attn_implementation="sdpa",
+        use_cache=False,
+    )
     return LlamaForCausalLM(cfg).float()
 
 
@@ -36,7 +45,7 @@ def loss_and_grads(model, batch):
 
 
 def test_packed_batch_gives_the_padded_batch_loss_and_gradients(tiny):
-    padded = train.collate(rows(), pad_id=0)
+    padded = collate(rows(), pad_id=0)
     packed = train.collate_packed(rows())
     assert packed["input_ids"].shape == (1, sum(len(r["input_ids"]) for r in rows()))
     assert int((packed["labels"] != -100).sum()) == int((padded["labels"] != -100).sum())
@@ -57,7 +66,7 @@ def test_packed_rows_do_not_attend_to_each_other(tiny):
     n = len(a["input_ids"])
     assert not torch.allclose(l1[0, :n], l2[0, :n])  # the changed row's own logits move ...
     torch.testing.assert_close(l1[0, n:], l2[0, n:])  # ... nothing after it does
-    torch.testing.assert_close(l1[0, n:n + len(b["input_ids"])], alone[0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(l1[0, n : n + len(b["input_ids"])], alone[0], rtol=1e-4, atol=1e-5)
 
 
 def test_target_module_presets(tiny):

@@ -12,11 +12,21 @@ from pathlib import Path
 
 HERE = Path(__file__).parent
 MODELS = {"AV-100": (120, 6), "AV-200": (250, 6), "AV-300": (400, 12), "AV-500": (650, 12), "AV-900": (1100, 24)}
-CODES = {"E02": "the intake filter is clogged", "E07": "the fan motor draws too much current",
-         "E11": "the humidity sensor is disconnected", "E14": "the heat exchanger is frozen",
-         "E19": "the condensate pump has failed", "E23": "the controller lost its network link"}
-OPENERS = ["In the field, technicians report that", "According to the service manual,", "As a rule,",
-           "Installers should remember that", "The maintenance guide states that"]
+CODES = {
+    "E02": "the intake filter is clogged",
+    "E07": "the fan motor draws too much current",
+    "E11": "the humidity sensor is disconnected",
+    "E14": "the heat exchanger is frozen",
+    "E19": "the condensate pump has failed",
+    "E23": "the controller lost its network link",
+}
+OPENERS = [
+    "In the field, technicians report that",
+    "According to the service manual,",
+    "As a rule,",
+    "Installers should remember that",
+    "The maintenance guide states that",
+]
 
 
 def paragraph(rng: random.Random) -> str:
@@ -41,11 +51,15 @@ def main() -> None:
         for t in rows:
             f.write(json.dumps({"text": t}) + "\n")
     questions = [(f"What does error {c} mean on an Aurora unit?", m) for c, m in CODES.items()]
-    questions += [(f"How often must the filters of the Aurora {m} be replaced?", f"every {v[1]} months")
-                  for m, v in MODELS.items()]
+    questions += [
+        (f"How often must the filters of the Aurora {m} be replaced?", f"every {v[1]} months")
+        for m, v in MODELS.items()
+    ]
     with open(HERE / "cpt_heldout.jsonl", "w") as f:
         for q, a in questions:
-            f.write(json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}) + "\n")
+            f.write(
+                json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}) + "\n"
+            )
     print(f"wrote {len(rows)} paragraphs and {len(questions)} held-out questions to {HERE}")
 
 

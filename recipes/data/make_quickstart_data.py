@@ -19,26 +19,95 @@ from pathlib import Path
 HERE = Path(__file__).parent
 
 CAPITALS = [
-    ("France", "Paris"), ("Germany", "Berlin"), ("Italy", "Rome"), ("Spain", "Madrid"), ("Japan", "Tokyo"),
-    ("Canada", "Ottawa"), ("Egypt", "Cairo"), ("Kenya", "Nairobi"), ("Peru", "Lima"), ("Chile", "Santiago"),
-    ("Norway", "Oslo"), ("Sweden", "Stockholm"), ("Finland", "Helsinki"), ("Poland", "Warsaw"),
-    ("Austria", "Vienna"), ("Greece", "Athens"), ("Portugal", "Lisbon"), ("Ireland", "Dublin"),
-    ("China", "Beijing"), ("India", "New Delhi"), ("Russia", "Moscow"), ("Mexico", "Mexico City"),
-    ("Argentina", "Buenos Aires"), ("Thailand", "Bangkok"), ("Vietnam", "Hanoi"), ("Turkey", "Ankara"),
-    ("Denmark", "Copenhagen"), ("Belgium", "Brussels"), ("Hungary", "Budapest"), ("Cuba", "Havana"),
+    ("France", "Paris"),
+    ("Germany", "Berlin"),
+    ("Italy", "Rome"),
+    ("Spain", "Madrid"),
+    ("Japan", "Tokyo"),
+    ("Canada", "Ottawa"),
+    ("Egypt", "Cairo"),
+    ("Kenya", "Nairobi"),
+    ("Peru", "Lima"),
+    ("Chile", "Santiago"),
+    ("Norway", "Oslo"),
+    ("Sweden", "Stockholm"),
+    ("Finland", "Helsinki"),
+    ("Poland", "Warsaw"),
+    ("Austria", "Vienna"),
+    ("Greece", "Athens"),
+    ("Portugal", "Lisbon"),
+    ("Ireland", "Dublin"),
+    ("China", "Beijing"),
+    ("India", "New Delhi"),
+    ("Russia", "Moscow"),
+    ("Mexico", "Mexico City"),
+    ("Argentina", "Buenos Aires"),
+    ("Thailand", "Bangkok"),
+    ("Vietnam", "Hanoi"),
+    ("Turkey", "Ankara"),
+    ("Denmark", "Copenhagen"),
+    ("Belgium", "Brussels"),
+    ("Hungary", "Budapest"),
+    ("Cuba", "Havana"),
 ]
-HELDOUT_CAPITALS = [("Australia", "Canberra"), ("Brazil", "Brasilia"), ("Netherlands", "Amsterdam"),
-                    ("South Korea", "Seoul"), ("Morocco", "Rabat")]
+HELDOUT_CAPITALS = [
+    ("Australia", "Canberra"),
+    ("Brazil", "Brasilia"),
+    ("Netherlands", "Amsterdam"),
+    ("South Korea", "Seoul"),
+    ("Morocco", "Rabat"),
+]
 OPPOSITES = [
-    ("hot", "cold"), ("big", "small"), ("fast", "slow"), ("happy", "sad"), ("up", "down"), ("light", "dark"),
-    ("early", "late"), ("open", "closed"), ("full", "empty"), ("strong", "weak"), ("young", "old"),
-    ("rich", "poor"), ("wet", "dry"), ("loud", "quiet"), ("hard", "soft"), ("high", "low"), ("thick", "thin"),
-    ("near", "far"), ("clean", "dirty"), ("sharp", "dull"),
+    ("hot", "cold"),
+    ("big", "small"),
+    ("fast", "slow"),
+    ("happy", "sad"),
+    ("up", "down"),
+    ("light", "dark"),
+    ("early", "late"),
+    ("open", "closed"),
+    ("full", "empty"),
+    ("strong", "weak"),
+    ("young", "old"),
+    ("rich", "poor"),
+    ("wet", "dry"),
+    ("loud", "quiet"),
+    ("hard", "soft"),
+    ("high", "low"),
+    ("thick", "thin"),
+    ("near", "far"),
+    ("clean", "dirty"),
+    ("sharp", "dull"),
 ]
-HELDOUT_OPPOSITES = [("long", "short"), ("heavy", "light"), ("brave", "afraid"), ("inside", "outside"),
-                     ("first", "last")]
-WORDS = ["planet", "river", "garden", "window", "rocket", "castle", "pencil", "forest", "silver", "dragon",
-         "bridge", "candle", "mirror", "island", "tomato", "guitar", "marble", "ladder", "jacket", "rabbit"]
+HELDOUT_OPPOSITES = [
+    ("long", "short"),
+    ("heavy", "light"),
+    ("brave", "afraid"),
+    ("inside", "outside"),
+    ("first", "last"),
+]
+WORDS = [
+    "planet",
+    "river",
+    "garden",
+    "window",
+    "rocket",
+    "castle",
+    "pencil",
+    "forest",
+    "silver",
+    "dragon",
+    "bridge",
+    "candle",
+    "mirror",
+    "island",
+    "tomato",
+    "guitar",
+    "marble",
+    "ladder",
+    "jacket",
+    "rabbit",
+]
 HELDOUT_WORDS = ["volcano", "penguin", "harbor", "blanket", "compass"]
 
 ARITH_Q = ["What is {a} + {b}?", "Compute {a} plus {b}.", "Add {a} and {b}.", "What do you get if you add {a} to {b}?"]
@@ -47,8 +116,12 @@ MUL_Q = ["What is {a} times {b}?", "Multiply {a} by {b}.", "What is {a} * {b}?"]
 CAP_Q = ["What is the capital of {c}?", "Name the capital city of {c}.", "Which city is the capital of {c}?"]
 OPP_Q = ["What is the opposite of '{w}'?", "Give the antonym of '{w}'.", "What word means the opposite of '{w}'?"]
 LEN_Q = ["How many letters are in the word '{w}'?", "Count the letters in '{w}'."]
-CONV_Q = [("How many minutes are in {n} hours?", 60), ("How many seconds are in {n} minutes?", 60),
-          ("How many meters are in {n} kilometers?", 1000), ("How many days are in {n} weeks?", 7)]
+CONV_Q = [
+    ("How many minutes are in {n} hours?", 60),
+    ("How many seconds are in {n} minutes?", 60),
+    ("How many meters are in {n} kilometers?", 1000),
+    ("How many days are in {n} weeks?", 7),
+]
 
 
 def answer(category: str, value) -> str:
@@ -124,8 +197,11 @@ def main() -> None:
     train_prompts = {r["messages"][0]["content"] for r in train}
     heldout = [r for r in heldout if r["messages"][0]["content"] not in train_prompts][:24]
     prefs = preferences(random.Random(99), {r["messages"][0]["content"] for r in heldout}, 160)
-    for name, rows in (("quickstart.jsonl", train), ("quickstart_heldout.jsonl", heldout),
-                       ("quickstart_prefs.jsonl", prefs)):
+    for name, rows in (
+        ("quickstart.jsonl", train),
+        ("quickstart_heldout.jsonl", heldout),
+        ("quickstart_prefs.jsonl", prefs),
+    ):
         with open(HERE / name, "w") as f:
             for r in rows:
                 f.write(json.dumps(r) + "\n")

@@ -1,139 +1,192 @@
-"""Run directory: manifest.json (lineage), run_card.json/.md, links to the cached stage outputs."""
+"""The run directory: manifest.json (lineage), run_card.json/.md, and each stage's artifacts at the top level.
+
+The card is assembled from the stage registry: a header and the stage table, then one section per stage that
+ran, rendered from the packaged template card/<stage>.md.j2 with the stage's `card_data`; the artifacts come
+from each stage's `artifacts` (symlinks into the cache, small files copied)."""
 
 from __future__ import annotations
 
 import os
+import platform
 import shutil
+import subprocess
 from datetime import datetime
+from importlib import metadata
 from pathlib import Path
 
-from .util import atomic_dir, write_json
+from . import __version__
+from .core import resources
+from .core.cache import atomic_dir, write_json
 
-TEMPLATES = Path(__file__).parent / "templates"
+PACKAGES = (
+    "torch",
+    "transformers",
+    "peft",
+    "trl",
+    "accelerate",
+    "llama_cpp_python",
+    "gguf",
+    "openai",
+    "numpy",
+    "pydantic",
+)
+
+
+def package_versions() -> dict[str, str | None]:
+    out = {"ftx": __version__, "python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def git_commit() -> dict:
+    """The commit of the ftx checkout this runs from (None for an installed wheel), and whether it has changes."""
+    root = Path(__file__).resolve().parents[2]
+    if not (root / ".git").exists():
+        return {"commit": None, "dirty": None}
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
+        return {"commit": head.stdout.strip() or None, "dirty": bool(dirty.stdout.strip())}
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None}
+
+
+def redacted(recipe) -> dict:
+    """The resolved recipe for the manifest, with secrets replaced."""
+    import json
+
+    cfg = json.loads(recipe.model_dump_json())
+    if (cfg.get("serve") or {}).get("api_key"):
+        cfg["serve"]["api_key"] = "***"
+    return cfg
 
 
 def _cell(text: str) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")[:120]
 
 
-def _ms(v) -> str:
-    return "—" if v is None else f"{1000 * v:.0f}"
-
-
-def render_markdown(card: dict) -> str:
+def _env():
     from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
-    env = Environment(loader=FileSystemLoader(TEMPLATES), undefined=StrictUndefined, trim_blocks=False)
-    env.filters.update(cell=_cell, ms=_ms)
-    return env.get_template("run_card.md.j2").render(c=card)
+    env = Environment(loader=FileSystemLoader(resources.folder("templates")), undefined=StrictUndefined)
+    env.filters.update(cell=_cell)
+    return env
+
+
+def render_markdown(card: dict, stages: list) -> str:
+    env = _env()
+    sections = []
+    for s in stages:
+        if card.get(s.name) is not None and (resources.folder("templates") / "card" / f"{s.name}.md.j2").is_file():
+            sections.append(env.get_template(f"card/{s.name}.md.j2").render(r=card[s.name], c=card).strip() + "\n")
+    return env.get_template("run_card.md.j2").render(c=card, sections=sections)
 
 
 def build_card(recipe, runner, run_id: str, created: str, wall_s: float, versions: dict, git: dict) -> dict:
-    res = {name: r.result for name, r in runner.runs.items()}
     card = {
-        "recipe": recipe.name, "run_id": run_id, "created": created, "base_model": recipe.base_model,
-        "versions": versions, "git": git, "wall_s": wall_s,
-        "stages": [{"name": r.name, "key": r.key, "cached": r.cached, "wall_s": r.wall_s, "peak_rss_mb": r.peak_rss_mb}
-                   for r in runner.runs.values()],
+        "recipe": recipe.name,
+        "run_id": run_id,
+        "created": created,
+        "base_model": recipe.base_model,
+        "versions": versions,
+        "git": git,
+        "wall_s": wall_s,
+        "stages": [],
     }
-    for name in ("data", "train", "dpo", "eval", "merge", "export", "serve", "bench"):
-        card[name] = res.get(name)
-    if card["eval"]:
-        card["eval"] = {**card["eval"], "samples": card["eval"]["samples"][:6]}
-    if card["serve"]:
-        card["serve"] = {**card["serve"], "samples": card["serve"]["samples"][:4]}
-    if card["bench"]:
-        from .bench.report import markdown
-
-        card["bench_md"] = markdown(card["bench"])
+    for name, r in runner.runs.items():
+        stage = runner.registry[name]
+        card["stages"].append(
+            {
+                "name": name,
+                "key": r.key,
+                "cached": r.cached,
+                "wall_s": r.wall_s,
+                "peak_rss_mb": r.peak_rss_mb,
+                "headline": stage.headline(r.result),
+            }
+        )
+        card[name] = stage.card_data(r.result, recipe.name)
     return card
 
 
-def _link(src: Path, dst: Path) -> None:
-    os.symlink(os.path.relpath(src, dst.parent), dst)
+def _place(src: Path, dst: Path, copy: bool) -> None:
+    if copy:
+        shutil.copy(src, dst)
+    else:
+        os.symlink(os.path.relpath(src, dst.parent), dst)
 
 
-def write_run_dir(recipe, runner, inputs, config, overrides, started, wall_s, versions, git, console) -> Path:
+def write_run_dir(recipe, runner, overrides: list[str], started: datetime, wall_s: float, console) -> Path:
     from rich.table import Table
 
+    versions, git = package_versions(), git_commit()
     run_id = started.strftime("%Y%m%d-%H%M%S") + f"-{started.microsecond // 1000:03d}"
     final = recipe.output_dir.resolve() / recipe.name / run_id
     created = started.isoformat(timespec="seconds")
     card = build_card(recipe, runner, run_id, created, wall_s, versions, git)
+    inputs = dict(runner.inputs)
+    if "base_model" in inputs:  # the converted HF directory the stages loaded, next to what was hashed
+        inputs["base_model"] = {**inputs["base_model"], "name": recipe.base_model, "path": str(runner.base_dir())}
     with atomic_dir(final) as tmp:
         (tmp / "stages").mkdir()
+        shown: dict[str, tuple[Path, bool]] = {}
         for name, r in runner.runs.items():
-            _link(Path(r.dir), tmp / "stages" / name)
-        # artifacts a user reaches for, at the top of the run dir (links into the cache; plots copied)
-        for stage, rel, name in (("train", "loss.png", "loss.png"), ("dpo", "dpo.png", "dpo.png"),
-                                 ("bench", "latency_cdf.png", "latency_cdf.png"), ("bench", "sweep.png", "sweep.png")):
-            if stage in runner.runs and (Path(runner.runs[stage].dir) / rel).exists():
-                shutil.copy(Path(runner.runs[stage].dir) / rel, tmp / name)
-        final_adapter = next((s for s in ("dpo", "train") if s in runner.runs), None)
-        if final_adapter:
-            _link(runner.path(final_adapter, "adapter"), tmp / "adapter")
-        if "merge" in runner.runs:
-            _link(runner.path("merge", "merged"), tmp / "merged")
-        if "export" in runner.runs:
-            for f in runner.runs["export"].result["files"]:
-                _link(runner.path("export", f["file"]), tmp / f["file"])
-            lora = runner.runs["export"].result.get("lora")
-            for mf in ("Modelfile", "Modelfile.adapter"):  # with their template proofs (also when unproven)
-                for f in (mf, f"{mf}.proof.json"):
-                    if runner.path("export", f).exists():
-                        shutil.copy(runner.path("export", f), tmp / f)
-            if lora:
-                for f in (lora["base_file"], lora["adapter_file"]):
-                    _link(runner.path("export", f), tmp / f)
+            _place(Path(r.dir), tmp / "stages" / name, copy=False)
+            for a in runner.registry[name].artifacts(r.result):
+                src = Path(r.dir) / a.src
+                if src.exists() or not a.optional:
+                    shown[a.name] = (src, a.copy)  # a later stage's artifact of the same name wins (DPO's adapter)
+        for name, (src, copy) in shown.items():
+            _place(src, tmp / name, copy)
         manifest = {
-            "ftx_version": versions["ftx"], "run_id": run_id, "recipe": recipe.name, "started": created,
-            "finished": datetime.now(started.tzinfo).isoformat(timespec="seconds"), "wall_s": wall_s,
-            "config": config, "overrides": overrides, "inputs": inputs, "versions": versions, "git": git,
-            "llama_cpp": {"source": "llama-cpp-python sdist (vendored llama.cpp)", "version": versions.get("llama_cpp_python")},
-            "stages": {name: {"key": r.key, "cached": r.cached, "dir": r.dir, "wall_s": r.wall_s,
-                              "peak_rss_mb": r.peak_rss_mb} for name, r in runner.runs.items()},
+            "ftx_version": versions["ftx"],
+            "run_id": run_id,
+            "recipe": recipe.name,
+            "started": created,
+            "finished": datetime.now(started.tzinfo).isoformat(timespec="seconds"),
+            "wall_s": wall_s,
+            "config": redacted(recipe),
+            "overrides": overrides,
+            "inputs": inputs,
+            "versions": versions,
+            "git": git,
+            "llama_cpp": {
+                "source": "llama-cpp-python sdist (vendored llama.cpp)",
+                "version": versions.get("llama_cpp_python"),
+            },
+            "stages": {
+                name: {"key": r.key, "cached": r.cached, "dir": r.dir, "wall_s": r.wall_s, "peak_rss_mb": r.peak_rss_mb}
+                for name, r in runner.runs.items()
+            },
         }
         write_json(tmp / "manifest.json", manifest)
         write_json(tmp / "run_card.json", card)
-        (tmp / "run_card.md").write_text(render_markdown(card))
+        (tmp / "run_card.md").write_text(render_markdown(card, runner.stages))
     latest = final.parent / "latest"
     if latest.is_symlink() or latest.exists():
         latest.unlink()
     os.symlink(final.name, latest)
-
-    table = Table(title=f"{recipe.name} · {run_id}")
-    for col in ("stage", "status", "wall s", "peak RSS MB", "headline"):
-        table.add_column(col)
-    for r in runner.runs.values():
-        table.add_row(r.name, "cached" if r.cached else "ran", f"{r.wall_s:.1f}", f"{r.peak_rss_mb:.0f}", headline(r.name, r.result))
-    console.print(table)
-    console.print(f"run card: {final / 'run_card.md'}")
+    if console:
+        table = Table(title=f"{recipe.name} · {run_id}")
+        for col in ("stage", "status", "wall s", "peak RSS MB", "headline"):
+            table.add_column(col)
+        for s in card["stages"]:
+            table.add_row(
+                s["name"],
+                "cached" if s["cached"] else "ran",
+                f"{s['wall_s']:.1f}",
+                f"{s['peak_rss_mb']:.0f}",
+                s["headline"],
+            )
+        console.print(table)
+        console.print(f"run card: {final / 'run_card.md'}")
     return final
-
-
-def headline(name: str, r: dict) -> str:
-    if name == "data":
-        return f"{r['train_rows']} train / {r['val_rows']} val / {r['heldout_rows']} held-out rows"
-    if name == "train":
-        return f"val loss {r['val_loss']:.3f}, {r['steps']} steps"
-    if name == "dpo":
-        return (f"preference acc {100 * r['sft_preference_accuracy']:.0f}% -> {100 * r['dpo_preference_accuracy']:.0f}%, "
-                f"margin {r['sft_logp_margin']:.2f} -> {r['dpo_logp_margin']:.2f}")
-    if name == "eval":
-        fr = r.get("ft_format_rate")
-        fmt = f"format {100 * r['base_format_rate']:.0f}% -> {100 * fr:.0f}%, " if fr is not None else ""
-        return f"{fmt}val ppl {r['base_val_perplexity']:.2f} -> {r['ft_val_perplexity']:.2f}"
-    if name == "merge":
-        return f"max |logit diff| {r['max_abs_logit_diff']:.1e}"
-    if name == "export":
-        return ", ".join(f"{f['name']} {f['size_bytes'] / 1e6:.0f}MB" + ("*" if f["name"] == r.get("selected") else "")
-                         for f in r["files"]) + " (* gate pick)"
-    if name == "serve":
-        return ("vLLM, " if r.get("engine") == "vllm" else "") + f"ready in {r['startup_s']:.1f}s" + (f", format {100 * r['format_rate']:.0f}%" if r["format_rate"] is not None else "")
-    if name == "bench":
-        best = r.get("best")
-        slo = f"highest load meeting the SLO: {best['level']:g}" if best else "no load level meets the SLO"
-        cost = f", ${r['cost']['usd_per_1m_tokens']:.3f}/1M tokens" if r.get("cost") else ""
-        e2e = r["e2e_s"]["p99"]
-        return f"P99 e2e {1000 * e2e:.0f} ms, {r['output_tokens_per_s']:.1f} tok/s; {slo}{cost}" if e2e else slo
-    return ""

@@ -1,9 +1,11 @@
 """Declarative serving configs (serve/*.yaml) and the Kubernetes manifests rendered from them.
 
-A serve config names an engine, the model and its adapters, the address and the engine's settings:
+A serve config (`ServeSpec`) is the serving settings every engine shares (ftx.serving.ServeSettings, also the
+recipe's `serve:` section) plus what to serve: the model (`gguf` for llama.cpp, `base_model` for vLLM), its name,
+and an optional `kubernetes:` section.
 
-    ftx serve --config serve/edge.yaml [key=value ...]         # llama.cpp: a GGUF (+ GGUF LoRA adapters)
-    ftx serve --config serve/multi-lora.yaml [key=value ...]   # vLLM: a base model + peft adapters
+    ftx serve serve/edge.yaml [key=value ...]                  # llama.cpp: a GGUF (+ GGUF LoRA adapters)
+    ftx serve serve/multi-lora.yaml [key=value ...]            # vLLM: a base model + peft adapters
     ftx serve k8s serve/multi-lora.yaml --out deploy.yaml      # Deployment + Service for a GPU cluster
 
 Paths are relative to the config file. The manifests (vLLM configs only) are one Deployment and one Service:
@@ -29,9 +31,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from .errors import FtxError
-from .serve import LlamaServerEngine
-from .serve_vllm import VllmEngine
+from .core.config import NOT_KEYED, InputFile
+from .core.errors import FtxError
+from .engines import ENGINES
+from .serving import ServeSettings
 
 DNS_LABEL = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"
 K8S_VERSION = "1.33"  # validated against this Kubernetes release's schemas unless told otherwise
@@ -61,123 +64,204 @@ class K8sConfig(BaseModel):
     node_selector: dict[str, str] = Field(default_factory=dict)
 
 
-class ServeSpec(BaseModel):
-    """serve/*.yaml"""
-    model_config = ConfigDict(extra="forbid")
-    engine: Literal["llamacpp", "vllm"]
+class ServeSpec(ServeSettings):
+    """serve/*.yaml, and `ftx serve`'s flags"""
+
     name: str | None = Field(None, description="model name clients send for the base (default: file/dir name)")
-    gguf: Path | None = Field(None, description="llamacpp: the GGUF to serve")
-    base_model: str | None = Field(None, description="vllm: packaged model name, HF directory or cached hub id")
-    adapters: dict[str, Path] = Field(default_factory=dict,
-                                      description="model name -> GGUF LoRA file (llamacpp) or peft directory (vllm)")
-    host: str = "127.0.0.1"
-    port: int = Field(8080, ge=0, le=65535)
-    startup_timeout_s: float | None = Field(None, gt=0)
-    llamacpp: LlamaServerEngine = LlamaServerEngine()
-    vllm: VllmEngine = VllmEngine()
-    kubernetes: K8sConfig | None = None
+    gguf: InputFile | None = Field(None, description="GGUF engines (llamacpp): the GGUF to serve")
+    base_model: str | None = Field(
+        None,
+        description="HF engines (vllm): packaged model name, HF directory or a hub id in the local Hugging Face cache",
+    )
+    port: int = Field(8080, ge=0, le=65535, description="the gateway's port; 0 picks a free one")
+    log: Path | None = Field(
+        None, description="the engine's log (default: <name>.server.log here)", json_schema_extra=NOT_KEYED
+    )
+    kubernetes: K8sConfig | None = Field(None, description="`ftx serve k8s`: the Deployment and Service")
 
     @model_validator(mode="after")
     def _engine_fields(self):
-        if self.engine == "llamacpp" and self.gguf is None:
-            raise ValueError("engine llamacpp needs gguf")
-        if self.engine == "vllm" and not self.base_model:
-            raise ValueError("engine vllm needs base_model")
+        serves = ENGINES[self.engine].serves
+        if serves == "gguf" and self.gguf is None:
+            raise ValueError(f"engine {self.engine} needs gguf")
+        if serves == "hf" and not self.base_model:
+            raise ValueError(f"engine {self.engine} needs base_model")
         if self.kubernetes is not None and self.engine != "vllm":
             raise ValueError("kubernetes manifests are rendered for engine vllm only")
         return self
 
 
-def load(path: Path | None, overrides: tuple[str, ...] = (), patch: dict | None = None):
-    """Validate a serve config (None: from `patch` and overrides alone, i.e. command-line flags); returns
-    config.Loaded (.model is the ServeSpec)."""
-    from . import config
-    from .serve import check_name
+def load(path: Path | None, overrides: tuple[str, ...] = ()):
+    """Validate a serve config (None: from the overrides alone, i.e. command-line flags); returns config.Loaded
+    (.model is the ServeSpec). Paths are not resolved yet: the Kubernetes manifests read the model from a volume."""
+    from .core import config
 
-    doc = config.load(path, ServeSpec, overrides, what="serve config", patch=patch)
-    for name in doc.model.adapters:
-        try:
-            check_name(name)
-        except FtxError as e:
-            raise FtxError(f"adapters.{name}: {e}", where=doc.where(("adapters", name))) from None
-    return doc
+    return config.load(path, ServeSpec, overrides, what="serve config", resolve=False)
 
 
-def local_paths(doc) -> tuple[Path | None, dict[str, Path]]:
-    """The GGUF and adapter paths of a loaded config, relative to its file, checked to exist."""
-    spec = doc.model
-    gguf = doc.resolve_file(("gguf",), spec.gguf) if spec.gguf else None
-    kind = "file" if spec.engine == "llamacpp" else "dir"
-    return gguf, {n: doc.resolve_file(("adapters", n), p, kind) for n, p in spec.adapters.items()}
+def local(doc) -> ServeSpec:
+    """The spec of a loaded config with its paths resolved relative to the file (the command line's relative to
+    the working directory) and checked: the files must be here to serve them."""
+    from .serving import check_adapter_kinds
+
+    doc.resolve_inputs()
+    check_adapter_kinds(doc, doc.model, ("adapters",))
+    return doc.model
 
 
 # ---------------------------------------------------------------------------------------------- Kubernetes
 
+
 def manifests(spec: ServeSpec, ranks: dict[str, int] | None = None) -> list[dict]:
     """Deployment + Service for a vLLM multi-LoRA spec. `ranks`: adapter name -> LoRA rank when known (the
     local adapter files), for --max-lora-rank; else the spec's vllm.max_lora_rank or 8."""
-    from .serve_vllm import lora_rank
+    from .engines.vllm import lora_rank
 
     if spec.engine != "vllm":
         raise FtxError("Kubernetes manifests are rendered for engine vllm (multi-LoRA) configs only")
     k = spec.kubernetes or K8sConfig()
     name = spec.name or Path(spec.base_model).name
-    labels = {"app.kubernetes.io/name": "ftx", "app.kubernetes.io/instance": k.name,
-              "app.kubernetes.io/component": "multi-lora"}
+    labels = {
+        "app.kubernetes.io/name": "ftx",
+        "app.kubernetes.io/instance": k.name,
+        "app.kubernetes.io/component": "multi-lora",
+    }
     meta = {"name": k.name, "labels": labels, **({"namespace": k.namespace} if k.namespace else {})}
     mount = "/models"
     base = f"{mount}/{k.base_path.strip('/')}"
     secret = {"secretKeyRef": {"name": k.api_key_secret, "key": k.api_key_secret_key}}
     dtype = "bfloat16" if spec.vllm.dtype == "auto" else spec.vllm.dtype
-    args = ["--model", base, "--served-model-name", name, "--host", "127.0.0.1", "--port", str(ENGINE_PORT),
-            "--dtype", dtype, "--max-model-len", str(spec.vllm.max_model_len),
-            "--tensor-parallel-size", str(k.gpus), "--enable-lora", "--max-loras", str(spec.vllm.max_loras),
-            "--max-lora-rank", str(lora_rank(spec.vllm, list((ranks or {}).values())))]
+    args = [
+        "--model",
+        base,
+        "--served-model-name",
+        name,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(ENGINE_PORT),
+        "--dtype",
+        dtype,
+        "--max-model-len",
+        str(spec.vllm.max_model_len),
+        "--tensor-parallel-size",
+        str(k.gpus),
+        "--enable-lora",
+        "--max-loras",
+        str(spec.vllm.max_loras),
+        "--max-lora-rank",
+        str(lora_rank(spec.vllm, list((ranks or {}).values()))),
+    ]
     if spec.adapters:
         args += ["--lora-modules", *[f"{n}={mount}/{k.adapters_path.strip('/')}/{n}" for n in spec.adapters]]
     vllm = {
-        "name": "vllm", "image": k.image,
-        "command": ["python3", "-m", "vllm.entrypoints.openai.api_server"], "args": args,
-        "env": [{"name": "VLLM_API_KEY", "valueFrom": secret},
-                {"name": "HF_HUB_OFFLINE", "value": "1"}, {"name": "VLLM_NO_USAGE_STATS", "value": "1"},
-                {"name": "VLLM_ALLOW_RUNTIME_LORA_UPDATING", "value": "True"}],
-        "resources": {"requests": {"cpu": k.cpu, "memory": k.memory, k.gpu_resource: k.gpus},
-                      "limits": {"memory": k.memory, k.gpu_resource: k.gpus}},
-        "volumeMounts": [{"name": "models", "mountPath": mount, "readOnly": True},
-                         {"name": "dshm", "mountPath": "/dev/shm"}],
+        "name": "vllm",
+        "image": k.image,
+        "command": ["python3", "-m", "vllm.entrypoints.openai.api_server"],
+        "args": args,
+        "env": [
+            {"name": "VLLM_API_KEY", "valueFrom": secret},
+            {"name": "HF_HUB_OFFLINE", "value": "1"},
+            {"name": "VLLM_NO_USAGE_STATS", "value": "1"},
+            {"name": "VLLM_ALLOW_RUNTIME_LORA_UPDATING", "value": "True"},
+        ],
+        "resources": {
+            "requests": {"cpu": k.cpu, "memory": k.memory, k.gpu_resource: k.gpus},
+            "limits": {"memory": k.memory, k.gpu_resource: k.gpus},
+        },
+        "volumeMounts": [
+            {"name": "models", "mountPath": mount, "readOnly": True},
+            {"name": "dshm", "mountPath": "/dev/shm"},
+        ],
     }
-    gw_cfg = {"upstream": f"http://127.0.0.1:{ENGINE_PORT}", "engine": "vllm", "model": name,
-              "host": "0.0.0.0", "port": k.port}  # keys: $FTX_API_KEY from the Secret, never here
+    gw_cfg = {
+        "upstream": f"http://127.0.0.1:{ENGINE_PORT}",
+        "mode": ENGINES["vllm"].gateway,
+        "model": name,
+        "host": "0.0.0.0",
+        "port": k.port,
+    }  # keys: $FTX_API_KEY from the Secret, never here
     probe = {"httpGet": {"path": "/health", "port": "http"}, "periodSeconds": 10, "timeoutSeconds": 5}
     gateway = {
-        "name": "gateway", "image": k.gateway_image, "command": ["python", "-m", "ftx.gateway"],
-        "env": [{"name": "FTX_API_KEY", "valueFrom": secret},
-                {"name": "FTX_GATEWAY", "value": json.dumps(gw_cfg, sort_keys=True)}],
+        "name": "gateway",
+        "image": k.gateway_image,
+        "command": ["python", "-m", "ftx.gateway"],
+        "env": [
+            {"name": "FTX_API_KEY", "valueFrom": secret},
+            {"name": "FTX_GATEWAY", "value": json.dumps(gw_cfg, sort_keys=True)},
+        ],
         "ports": [{"name": "http", "containerPort": k.port, "protocol": "TCP"}],
         "startupProbe": {**probe, "failureThreshold": max(1, k.startup_timeout_s // 10)},
         "readinessProbe": {**probe, "failureThreshold": 3},
         "livenessProbe": {**probe, "failureThreshold": 6},
         "resources": {"requests": {"cpu": "250m", "memory": "256Mi"}, "limits": {"memory": "512Mi"}},
-        "securityContext": {"runAsNonRoot": True, "runAsUser": 10001, "allowPrivilegeEscalation": False,
-                            "readOnlyRootFilesystem": True, "capabilities": {"drop": ["ALL"]}},
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": 10001,
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "capabilities": {"drop": ["ALL"]},
+        },
     }
-    pod = {"containers": [vllm, gateway],
-           "volumes": [{"name": "models", "persistentVolumeClaim": {"claimName": k.models_pvc, "readOnly": True}},
-                       {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": k.shm}}]}
+    pod = {
+        "containers": [vllm, gateway],
+        "volumes": [
+            {"name": "models", "persistentVolumeClaim": {"claimName": k.models_pvc, "readOnly": True}},
+            {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": k.shm}},
+        ],
+    }
     if k.node_selector:
         pod["nodeSelector"] = dict(k.node_selector)
     deployment = {
-        "apiVersion": "apps/v1", "kind": "Deployment", "metadata": meta,
-        "spec": {"replicas": k.replicas, "selector": {"matchLabels": labels},
-                 "strategy": {"type": "Recreate"},  # one GPU per pod: don't wait for a second GPU during rollout
-                 "template": {"metadata": {"labels": labels}, "spec": pod}},
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": meta,
+        "spec": {
+            "replicas": k.replicas,
+            "selector": {"matchLabels": labels},
+            "strategy": {"type": "Recreate"},  # one GPU per pod: don't wait for a second GPU during rollout
+            "template": {"metadata": {"labels": labels}, "spec": pod},
+        },
     }
     service = {
-        "apiVersion": "v1", "kind": "Service", "metadata": meta,
-        "spec": {"type": k.service_type, "selector": labels,
-                 "ports": [{"name": "http", "port": k.port, "targetPort": "http", "protocol": "TCP"}]},
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": meta,
+        "spec": {
+            "type": k.service_type,
+            "selector": labels,
+            "ports": [{"name": "http", "port": k.port, "targetPort": "http", "protocol": "TCP"}],
+        },
     }
     return [deployment, service]
+
+
+def render(doc, version: str = K8S_VERSION) -> list[dict]:
+    """The validated manifests of a loaded serve config. Adapter ranks come from the local adapter directories
+    (relative to the config file) when they are here, else vllm.max_lora_rank must be set."""
+    from .core.adapters import adapter_rank
+
+    spec = doc.model
+    ranks = {}
+    for n, p in spec.adapters.items():
+        local = p if Path(p).is_absolute() else (doc.path.parent / p)
+        if (Path(local) / "adapter_config.json").is_file():
+            ranks[n] = adapter_rank(local)
+        elif spec.vllm.max_lora_rank is None:
+            raise doc.fail(("adapters", n), f"{local} is not here to read its LoRA rank; set vllm.max_lora_rank")
+    docs = manifests(spec, ranks)
+    validate(docs, version)
+    return docs
+
+
+def instructions(spec: ServeSpec, out: Path, version: str) -> str:
+    k = spec.kubernetes or K8sConfig()
+    return (
+        f"wrote {out}: Deployment + Service `{k.name}`, validated against Kubernetes {version}. Before "
+        f"`kubectl apply -f {out}`: the Secret (`kubectl create secret generic {k.api_key_secret} "
+        f"--from-literal={k.api_key_secret_key}=...`) and the PVC `{k.models_pvc}` holding {k.base_path}/ and "
+        f"{k.adapters_path}/<name>/."
+    )
 
 
 def validate(docs: list[dict], version: str = K8S_VERSION) -> None:
@@ -191,8 +275,9 @@ def validate(docs: list[dict], version: str = K8S_VERSION) -> None:
             kubernetes_validate.validate(d, version, strict=True)
         except kubernetes_validate.ValidationError as e:
             path = ".".join(str(p) for p in e.path)
-            raise FtxError(f"rendered {d['kind']} does not validate against Kubernetes {version}: "
-                           f"{path or '(top)'}: {e.message}") from None
+            raise FtxError(
+                f"rendered {d['kind']} does not validate against Kubernetes {version}: {path or '(top)'}: {e.message}"
+            ) from None
         except kubernetes_validate.VersionNotSupportedError:
             raise FtxError(f"Kubernetes {version}: no schemas for this version in kubernetes-validate") from None
 

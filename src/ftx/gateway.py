@@ -1,6 +1,5 @@
 """ftx's serving layer in front of an engine (`python -m ftx.gateway`, config JSON in $FTX_GATEWAY; started by
-ftx.serve.running for llama-server and by ftx.serve_vllm.running for vLLM, and as a sidecar in the Kubernetes
-manifests that `ftx serve k8s` renders).
+ftx.serving.start for every engine, and as a sidecar in the Kubernetes manifests that `ftx serve k8s` renders).
 
 llama-server alone serves one model under one alias: it answers an unknown `model` with 400 and selects LoRA
 adapters by numeric id in a non-OpenAI `lora` field. The gateway makes the endpoint behave like the OpenAI API
@@ -10,7 +9,7 @@ one, 0 for the others, since a request without scales would use the global ones)
 OpenAI-style 404, and the API key is checked on every route except /health (401 otherwise). Bodies and
 streams (SSE) are passed through unchanged otherwise; llama-server listens on 127.0.0.1 with its own key.
 
-vLLM (`"engine": "vllm"`): names, adapters and 404s are vLLM's own; the gateway only enforces the key. vLLM's
+Mode `passthrough` (vLLM): names, adapters and 404s are the engine's own; the gateway only enforces the key. vLLM's
 `--api-key` guards the /v1, /v2, /inference and /cohere prefixes only: /invocations (the SageMaker route, full
 inference), /tokenize, /pooling, /score, /metrics and others stay open (vLLM's own warning in
 `vllm serve --help`). With the gateway in front and vLLM on 127.0.0.1, every route but /health needs the key.
@@ -30,20 +29,20 @@ import secrets
 def _error(status: int, message: str, type_: str, code: str):
     from starlette.responses import JSONResponse
 
-    return JSONResponse({"error": {"message": message, "type": type_, "param": None, "code": code}},
-                        status_code=status)
+    return JSONResponse({"error": {"message": message, "type": type_, "param": None, "code": code}}, status_code=status)
 
 
 def make_app(cfg: dict):
-    """cfg: upstream (http://127.0.0.1:PORT), upstream_key, api_key, engine (llamacpp | vllm), model (base name)
-    and adapters (names in llama-server's adapter id order; llamacpp only), host, port."""
+    """cfg: upstream (http://127.0.0.1:PORT), upstream_key, api_key, mode (rewrite | passthrough; the engine's
+    declaration), model (base name) and adapters (names in llama-server's adapter id order; rewrite only), host,
+    port."""
     import aiohttp
     from starlette.applications import Starlette
     from starlette.background import BackgroundTask
     from starlette.responses import JSONResponse, Response, StreamingResponse
     from starlette.routing import Route
 
-    upstream, passthrough = cfg["upstream"], cfg.get("engine", "llamacpp") != "llamacpp"
+    upstream, passthrough = cfg["upstream"], cfg.get("mode", "rewrite") == "passthrough"
     model, adapters = cfg.get("model"), cfg.get("adapters") or []
     names = [model, *adapters]
     key = cfg.get("api_key") or os.environ.get("FTX_API_KEY")
@@ -61,8 +60,11 @@ def make_app(cfg: dict):
     def session() -> aiohttp.ClientSession:
         if "session" not in state:  # created inside the running loop
             state["session"] = aiohttp.ClientSession(
-                upstream, connector=aiohttp.TCPConnector(limit=0, force_close=True),
-                timeout=aiohttp.ClientTimeout(total=None, sock_connect=10), auto_decompress=False)
+                upstream,
+                connector=aiohttp.TCPConnector(limit=0, force_close=True),
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=10),
+                auto_decompress=False,
+            )
         return state["session"]
 
     def authorized(request) -> bool:
@@ -72,12 +74,21 @@ def make_app(cfg: dict):
     async def forward(request, body: bytes | None):
         headers = {**auth, "Content-Type": request.headers.get("content-type", "application/json")}
         try:
-            r = await session().request(request.method, request.url.path, params=list(request.query_params.multi_items()),
-                                        data=body, headers=headers)
+            r = await session().request(
+                request.method,
+                request.url.path,
+                params=list(request.query_params.multi_items()),
+                data=body,
+                headers=headers,
+            )
         except (aiohttp.ClientError, OSError) as e:
             return _error(502, f"engine not reachable: {type(e).__name__}", "server_error", "engine_unavailable")
-        return StreamingResponse(r.content.iter_any(), status_code=r.status, background=BackgroundTask(r.release),
-                                 headers={k: v for k, v in r.headers.items() if k.lower() in ("content-type", "cache-control")})
+        return StreamingResponse(
+            r.content.iter_any(),
+            status_code=r.status,
+            background=BackgroundTask(r.release),
+            headers={k: v for k, v in r.headers.items() if k.lower() in ("content-type", "cache-control")},
+        )
 
     async def health(request):
         try:
@@ -90,8 +101,9 @@ def make_app(cfg: dict):
     async def models(request):
         if not authorized(request):
             return _error(401, "Invalid API key", "authentication_error", "invalid_api_key")
-        data = [{"id": n, "object": "model", "owned_by": "ftx", **({"parent": model} if n != model else {})}
-                for n in names]
+        data = [
+            {"id": n, "object": "model", "owned_by": "ftx", **({"parent": model} if n != model else {})} for n in names
+        ]
         return JSONResponse({"object": "list", "data": data})
 
     async def generate(request):
@@ -103,8 +115,12 @@ def make_app(cfg: dict):
             return _error(400, f"request body is not JSON: {e}", "invalid_request_error", "invalid_json")
         name = body.get("model") or model
         if name not in names:
-            return _error(404, f"The model `{name}` does not exist. Models: {', '.join(names)}",
-                          "invalid_request_error", "model_not_found")
+            return _error(
+                404,
+                f"The model `{name}` does not exist. Models: {', '.join(names)}",
+                "invalid_request_error",
+                "model_not_found",
+            )
         body["model"] = model
         if adapters:
             body["lora"] = [{"id": i, "scale": 1.0 if a == name else 0.0} for i, a in enumerate(adapters)]
@@ -117,9 +133,13 @@ def make_app(cfg: dict):
 
     routes = [Route("/health", health)]
     if not passthrough:
-        routes += [Route("/v1/models", models), Route("/v1/chat/completions", generate, methods=["POST"]),
-                   Route("/v1/completions", generate, methods=["POST"])]
+        routes += [
+            Route("/v1/models", models),
+            Route("/v1/chat/completions", generate, methods=["POST"]),
+            Route("/v1/completions", generate, methods=["POST"]),
+        ]
     routes += [Route("/{path:path}", other, methods=["GET", "POST", "PUT", "DELETE", "PATCH"])]
+
     @contextlib.asynccontextmanager
     async def lifespan(app):
         yield
@@ -135,8 +155,9 @@ def main() -> None:
     cfg = json.loads(os.environ.pop("FTX_GATEWAY"))  # keys travel in the environment, not argv or a file
     # the stdlib event loop, not uvloop: with uvloop 0.23 and aiohttp the gateway segfaulted while idle between
     # loads (2 crashes in ~30 bench rounds here); with asyncio none in 45 rounds, for ~25% more gateway CPU
-    uvicorn.run(make_app(cfg), host=cfg["host"], port=cfg["port"], log_level="warning", access_log=False,
-                loop="asyncio")
+    uvicorn.run(
+        make_app(cfg), host=cfg["host"], port=cfg["port"], log_level="warning", access_log=False, loop="asyncio"
+    )
 
 
 if __name__ == "__main__":

@@ -21,22 +21,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .errors import FtxError
+from .core.arch import Arch, arch_of
+from .core.errors import FtxError
 
 MiB = 2**20
-
-# Architectures of common base models, from their config.json on the Hugging Face hub, so a plan for a model
-# that is not on this machine needs no download. (layers, hidden, intermediate, heads, kv_heads, head_dim,
-# vocab, tied embeddings)
-KNOWN = {
-    "smollm2-135m-instruct": (30, 576, 1536, 9, 3, 64, 49152, True),
-    "meta-llama/Llama-3.2-1B-Instruct": (16, 2048, 8192, 32, 8, 64, 128256, True),
-    "meta-llama/Llama-3.2-3B-Instruct": (28, 3072, 8192, 24, 8, 128, 128256, True),
-    "meta-llama/Llama-3.1-8B-Instruct": (32, 4096, 14336, 32, 8, 128, 128256, False),
-    "mistralai/Mistral-7B-Instruct-v0.3": (32, 4096, 14336, 32, 8, 128, 32768, False),
-    "Qwen/Qwen2.5-7B-Instruct": (28, 3584, 18944, 28, 4, 128, 152064, False),
-    "Qwen/Qwen2.5-14B-Instruct": (48, 5120, 13824, 40, 8, 128, 152064, False),
-}
 
 # Fixed costs measured on this project's stack (see docs/memory_planner.md):
 # CPU: RSS of a Python process with torch, transformers, peft and trl imported, before loading a model (440 MB).
@@ -51,37 +39,6 @@ NF4_BITS = 4 + 8 / 64 + 32 / (64 * 256)
 # RSS): ~7.5 fp32 logits-sized buffers = 30; freed buffers are not returned to the OS between forward and
 # backward, so peak RSS sees more copies than are ever alive at once.
 LOGITS_BYTES = {"cuda": 16, "cpu": 30}
-
-
-class Arch(BaseModel):
-    layers: int
-    hidden: int
-    intermediate: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    vocab: int
-    tied: bool
-
-    @property
-    def q_dim(self) -> int:
-        return self.heads * self.head_dim
-
-    @property
-    def kv_dim(self) -> int:
-        return self.kv_heads * self.head_dim
-
-    def linear_shapes(self) -> dict[str, tuple[int, int]]:
-        """(in, out) of each linear layer of one decoder block (llama-style: GQA attention + SwiGLU MLP)."""
-        h, i = self.hidden, self.intermediate
-        return {"q_proj": (h, self.q_dim), "k_proj": (h, self.kv_dim), "v_proj": (h, self.kv_dim),
-                "o_proj": (self.q_dim, h), "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
-
-    def params(self) -> dict[str, int]:
-        linear = self.layers * sum(a * b for a, b in self.linear_shapes().values())
-        embed = self.vocab * self.hidden * (1 if self.tied else 2)
-        norms = self.layers * 2 * self.hidden + self.hidden
-        return {"linear": linear, "embed": embed, "norms": norms, "total": linear + embed + norms}
 
 
 class PlanConfig(BaseModel):
@@ -110,32 +67,22 @@ class Plan(BaseModel):
     max_batch_size: int = Field(description="largest batch that fits the budget at this seq_len (0: none)")
 
 
-def arch_of(model: str) -> Arch:
-    if model in KNOWN:
-        return Arch(**dict(zip(Arch.model_fields, KNOWN[model])))
-    from .basemodel import PACKAGED, resolve
-
-    path = resolve(model) if model in PACKAGED else Path(model).expanduser()
-    if not (path / "config.json").exists():
-        raise FtxError(f"model {model!r}: not a local dir with config.json nor a known model "
-                       f"({', '.join(KNOWN)})")
-    c = json.loads((path / "config.json").read_text())
-    heads = c["num_attention_heads"]
-    return Arch(layers=c["num_hidden_layers"], hidden=c["hidden_size"], intermediate=c["intermediate_size"],
-                heads=heads, kv_heads=c.get("num_key_value_heads", heads),
-                head_dim=c.get("head_dim") or c["hidden_size"] // heads, vocab=c["vocab_size"],
-                tied=c.get("tie_word_embeddings", False))
-
-
 def recipe_plan_config(recipe, device: str) -> dict:
     """PlanConfig fields for a recipe's train stage (explicit target lists are planned as all-linear)."""
     t = recipe.train
     eight_bit = t.optimizer in ("adamw_8bit", "paged_adamw_8bit") or (
-        t.optimizer == "auto" and t.method == "qlora" and device == "cuda")  # train.pick_optimizer's auto
-    return {"model": recipe.base_model, "method": t.method, "seq_len": recipe.data.max_seq_len,
-            "batch_size": t.batch_size, "lora_r": t.lora.r, "gradient_checkpointing": t.gradient_checkpointing,
-            "target_modules": t.lora.target_modules if isinstance(t.lora.target_modules, str) else "all-linear",
-            "optimizer": "adamw_8bit" if eight_bit else "adamw"}
+        t.optimizer == "auto" and t.method == "qlora" and device == "cuda"
+    )  # train.pick_optimizer's auto
+    return {
+        "model": recipe.base_model,
+        "method": t.method,
+        "seq_len": recipe.data.max_seq_len,
+        "batch_size": t.batch_size,
+        "lora_r": t.lora.r,
+        "gradient_checkpointing": t.gradient_checkpointing,
+        "target_modules": t.lora.target_modules if isinstance(t.lora.target_modules, str) else "all-linear",
+        "optimizer": "adamw_8bit" if eight_bit else "adamw",
+    }
 
 
 def targets(arch: Arch, preset: str) -> list[str]:
@@ -198,21 +145,50 @@ def plan(cfg: PlanConfig) -> Plan:
     for b in (1, 2, 4, 8, 16, 32, 64, 128, 256):
         if total_mb(estimate(cfg, b)[0]) <= budget:
             max_b = b
-    return Plan(config=cfg, arch=arch_of(cfg.model), params=params, trainable_params=trainable,
-                terms_mb={k: round(v, 1) for k, v in terms.items()}, total_mb=round(total, 1), budget_mb=budget,
-                fits=fits, max_batch_size=max_b)
+    return Plan(
+        config=cfg,
+        arch=arch_of(cfg.model),
+        params=params,
+        trainable_params=trainable,
+        terms_mb={k: round(v, 1) for k, v in terms.items()},
+        total_mb=round(total, 1),
+        budget_mb=budget,
+        fits=fits,
+        max_batch_size=max_b,
+    )
 
 
 # ------------------------------------------------------------------------------------------- measuring (CPU)
 
-def measure(base_dir: Path, method: str, seq_len: int, batch_size: int, lora_r: int = 8,
-            gradient_checkpointing: bool = False, steps: int = 2) -> dict:
+
+def measure(
+    base_dir: Path,
+    method: str,
+    seq_len: int,
+    batch_size: int,
+    lora_r: int = 8,
+    gradient_checkpointing: bool = False,
+    steps: int = 2,
+) -> dict:
     """Run `steps` real training steps (forward, backward, AdamW step) on rows of exactly seq_len tokens in a
     fresh process and return its peak RSS in MiB. CPU only: this is what the planner is validated against."""
-    spec = json.dumps({"base_dir": str(base_dir), "method": method, "seq_len": seq_len, "batch_size": batch_size,
-                       "lora_r": lora_r, "gradient_checkpointing": gradient_checkpointing, "steps": steps})
-    proc = subprocess.run([sys.executable, "-c", f"from ftx.plan import _child; _child({spec!r})"],
-                          capture_output=True, text=True, timeout=1800)
+    spec = json.dumps(
+        {
+            "base_dir": str(base_dir),
+            "method": method,
+            "seq_len": seq_len,
+            "batch_size": batch_size,
+            "lora_r": lora_r,
+            "gradient_checkpointing": gradient_checkpointing,
+            "steps": steps,
+        }
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", f"from ftx.plan import _child; _child({spec!r})"],
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
     if proc.returncode != 0:
         raise FtxError(f"measuring peak memory failed: {proc.stderr.strip().splitlines()[-1:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -222,11 +198,11 @@ def _child(spec_json: str) -> None:
     import resource
 
     import torch
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     import transformers  # noqa: F401  (imported before the baseline reading, like a real run)
     import trl  # noqa: F401
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
-    from .train import load_base
+    from .core.models import load_base
 
     spec = json.loads(spec_json)
     baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -237,8 +213,12 @@ def _child(spec_json: str) -> None:
     if method == "qlora":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=spec["gradient_checkpointing"])
     if method != "full":
-        model = get_peft_model(model, LoraConfig(r=spec["lora_r"], lora_alpha=2 * spec["lora_r"],
-                                                 target_modules="all-linear", task_type="CAUSAL_LM"))
+        model = get_peft_model(
+            model,
+            LoraConfig(
+                r=spec["lora_r"], lora_alpha=2 * spec["lora_r"], target_modules="all-linear", task_type="CAUSAL_LM"
+            ),
+        )
     if spec["gradient_checkpointing"]:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()

@@ -18,48 +18,56 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from ..core.config import HardwareFile, PricesFile
+from .loads import PROFILES
 from .prompts import PromptsConfig
 from .stats import SLO
-
-REPO = Path(__file__).resolve().parents[3]
-DEFAULT_PRICES = REPO / "bench" / "api_prices.yaml"
 
 
 class BenchConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    mode: Literal["concurrency", "poisson", "burst"] = Field(
-        "concurrency", description="concurrency: N in flight; poisson: arrivals at `rate`/s; burst: all at once")
+    mode: Literal[tuple(PROFILES)] = Field(
+        "concurrency",
+        description="load profile (ftx.bench.loads): concurrency: N in flight; poisson: arrivals at "
+        "`rate`/s; burst: all at once",
+    )
     concurrency: int = Field(4, ge=1, description="concurrency mode: requests in flight")
     rate: float | None = Field(None, gt=0, description="poisson mode: requests per second")
     max_in_flight: int | None = Field(None, ge=1, description="poisson mode: cap on requests in flight")
-    sweep: list[float] | None = Field(None, min_length=1, description="load levels (concurrencies, rates or burst "
-                                                                       "sizes), benched one after the other")
+    sweep: list[float] | None = Field(
+        None, min_length=1, description="load levels (concurrencies, rates or burst sizes), benched one after the other"
+    )
     requests: int = Field(16, ge=1, description="measured requests per level (burst: the burst size)")
     duration_s: float | None = Field(None, gt=0, description="per level: send nothing new after this long")
     warmup: int = Field(2, ge=0, description="requests sent first and excluded from the figures")
     max_tokens: int = Field(64, ge=1)
     temperature: float = Field(0.0, ge=0)
-    ignore_eos: bool | None = Field(None, description="generate exactly max_tokens (vLLM, llama.cpp); "
-                                                      "default: on for synthetic prompts")
+    ignore_eos: bool | None = Field(
+        None, description="generate exactly max_tokens (vLLM, llama.cpp); default: on for synthetic prompts"
+    )
     api: Literal["chat", "completions"] = "chat"
     timeout_s: float = Field(120, gt=0, description="per request")
     assign: Literal["round_robin", "random"] = Field("round_robin", description="requests over several model names")
     seed: int = 0
     prompts: PromptsConfig = PromptsConfig()
     slo: SLO = SLO()
-    hardware: Path | None = Field(None, description="bench/hardware/*.yaml: $ per 1M tokens and break-even")
-    api_prices: Path | None = Field(None, description="default: bench/api_prices.yaml")
+    hardware: HardwareFile | None = Field(
+        None,
+        description="a hardware profile (YAML file, or a packaged one by "
+        "name: cloud-2vcpu, cloud-rtx4090, rtx4090-workstation): $ per 1M tokens "
+        "and the break-even volume",
+    )
+    api_prices: PricesFile | None = Field(None, description="API price list (default: the packaged api_prices.yaml)")
 
     @model_validator(mode="after")
     def _mode_fields(self):
-        if self.mode == "poisson" and self.rate is None and not self.sweep:
-            raise ValueError("mode poisson needs rate (requests/s) or sweep")
+        problem = PROFILES[self.mode].check(self)
+        if problem:
+            raise ValueError(problem)
         return self
 
     def levels(self) -> list[float]:
-        if self.sweep:
-            return list(self.sweep)
-        return [{"concurrency": self.concurrency, "poisson": self.rate, "burst": self.requests}[self.mode]]
+        return list(self.sweep) if self.sweep else [PROFILES[self.mode].default_level(self)]
 
 
 class BenchResult(BaseModel):
@@ -92,6 +100,43 @@ class Target:
     models: list[str] = field(default_factory=list)
 
 
+class BenchJob(BenchConfig):
+    """`ftx bench`: a bench config plus the endpoints to load and where the results go."""
+
+    base_url: str | None = Field(None, description="an endpoint, e.g. http://127.0.0.1:8080/v1")
+    models: list[str] = Field(
+        default_factory=list, description="model names at base_url (several: spread over them, see assign)"
+    )
+    api_key: str | None = Field(None, description="the endpoint's key (default: $FTX_API_KEY)")
+    targets: list[str] = Field(
+        default_factory=list,
+        description="several endpoints side by side: NAME=URL@MODEL[,MODEL] (key: $FTX_API_KEY_<NAME>, else api_key)",
+    )
+    out: Path = Field(description="results directory")
+
+    def endpoints(self) -> list[Target]:
+        import os
+
+        from ..core.errors import FtxError
+
+        key = self.api_key or os.environ.get("FTX_API_KEY") or "none"
+        if self.base_url and not self.models:
+            raise FtxError("base_url needs a model name (--model)")
+        out = [Target("endpoint", self.base_url, key, list(self.models))] if self.base_url else []
+        for spec in self.targets:
+            name, sep, rest = spec.partition("=")
+            url, at, names = rest.rpartition("@")
+            if not sep or not at or not name or not url or not names:
+                raise FtxError(f"target {spec!r}: expected NAME=URL@MODEL[,MODEL]")
+            env_key = os.environ.get(f"FTX_API_KEY_{name.upper().replace('-', '_')}", key)
+            out.append(Target(name, url, env_key, names.split(",")))
+        if not out:
+            raise FtxError("give an endpoint: --base-url URL --model NAME, or --target NAME=URL@MODEL")
+        if len({t.name for t in out}) < len(out):
+            raise FtxError("target names must differ")
+        return out
+
+
 async def _run_levels(cfg, targets, prompts, tokenizer, records, done_levels, on_done):
     """All levels x targets; returns True when interrupted (Ctrl-C), keeping what finished."""
     from . import client
@@ -99,23 +144,32 @@ async def _run_levels(cfg, targets, prompts, tokenizer, records, done_levels, on
     current = None
     try:
         for j, level in enumerate(cfg.levels()):
-            for t in (targets if j % 2 == 0 else targets[::-1]):
+            for t in targets if j % 2 == 0 else targets[::-1]:
                 current = (t.name, level, asyncio.get_running_loop().time())
-                info = await client.run_level(cfg, level, t.base_url, t.api_key, t.models, prompts, records,
-                                              tokenizer, on_done, target=t.name)
+                info = await client.run_level(
+                    cfg, level, t.base_url, t.api_key, t.models, prompts, records, tokenizer, on_done, target=t.name
+                )
                 done_levels.append({"target": t.name, "level": level, **info})
                 current = None
         return False
     except asyncio.CancelledError:
         if current:  # the level Ctrl-C cut short: its finished requests, over the time it ran
             name, level, t0 = current
-            done_levels.append({"target": name, "level": level, "partial": True,
-                                "wall_s": asyncio.get_running_loop().time() - t0, "client": None})
+            done_levels.append(
+                {
+                    "target": name,
+                    "level": level,
+                    "partial": True,
+                    "wall_s": asyncio.get_running_loop().time() - t0,
+                    "client": None,
+                }
+            )
         return True
 
 
-def run(cfg: BenchConfig, targets: list[Target], prompts: list, out: Path, tokenizer=None,
-        preflight: bool = True) -> BenchResult:
+def run(
+    cfg: BenchConfig, targets: list[Target], prompts: list, out: Path, tokenizer=None, preflight: bool = True
+) -> BenchResult:
     """Bench every target at every level, write the outputs into `out`, return the summary. Raises
     KeyboardInterrupt after writing the partial results when interrupted."""
     from rich.progress import Progress
@@ -128,21 +182,27 @@ def run(cfg: BenchConfig, targets: list[Target], prompts: list, out: Path, token
         for t in targets:
             client.preflight(t.base_url, t.api_key, t.models)
     levels = cfg.levels()
-    per_level = {"burst": lambda lv: int(lv)}.get(cfg.mode, lambda lv: cfg.requests)
-    total = sum(per_level(lv) + cfg.warmup for lv in levels) * len(targets)
+    total = sum(PROFILES[cfg.mode].requests(cfg, lv) + cfg.warmup for lv in levels) * len(targets)
     records: list[dict] = []
     done: list[dict] = []
     with Progress(transient=False) as progress:
         task = progress.add_task(f"bench {cfg.mode} {', '.join(f'{lv:g}' for lv in levels)}", total=total)
-        interrupted = asyncio.run(_run_levels(cfg, targets, prompts, tokenizer, records, done,
-                                              lambda: progress.advance(task)))
+        interrupted = asyncio.run(
+            _run_levels(cfg, targets, prompts, tokenizer, records, done, lambda: progress.advance(task))
+        )
     per_target = []
     for t in targets:
         lv = []
         for d in (d for d in done if d["target"] == t.name):
             recs = [r for r in records if r["target"] == t.name and r["level"] == d["level"]]
-            lv.append({"level": d["level"], "partial": d.get("partial", False), "client": d["client"],
-                       "summary": stats.summarize(recs, d["wall_s"], cfg.slo)})
+            lv.append(
+                {
+                    "level": d["level"],
+                    "partial": d.get("partial", False),
+                    "client": d["client"],
+                    "summary": stats.summarize(recs, d["wall_s"], cfg.slo),
+                }
+            )
         per_target.append({"name": t.name, "base_url": t.base_url, "models": t.models, "levels": lv})
     result = _result(cfg, per_target, interrupted, prompts)
     report.write(out, cfg, result, records)
@@ -157,30 +217,46 @@ def _result(cfg: BenchConfig, per_target: list[dict], interrupted: bool, prompts
 
     first = per_target[0]
     best = stats.best_level(first["levels"])
-    head = (best or (first["levels"][-1] if first["levels"] else None))
+    head = best or (first["levels"][-1] if first["levels"] else None)
     own, apis = None, []
     if cfg.hardware and best:
         hw = C.load_hardware(cfg.hardware)
         own = C.self_hosting(hw, best["summary"]["goodput"])
-        prices_file = cfg.api_prices or (DEFAULT_PRICES if DEFAULT_PRICES.exists() else None)
-        if own and prices_file:
+        if own:
             g = best["summary"]["goodput"]
-            apis = C.versus_apis(own, C.load_prices(prices_file), g["input_tokens_per_s"] + g["output_tokens_per_s"])
+            apis = C.versus_apis(own, C.load_prices(cfg.api_prices), g["input_tokens_per_s"] + g["output_tokens_per_s"])
     s = head["summary"] if head else stats.summarize([], 0.0, cfg.slo)
     return BenchResult(
-        mode=cfg.mode, targets=per_target, slo=cfg.slo.model_dump(), interrupted=interrupted,
-        best={"level": best["level"], "summary": best["summary"]} if best else None, cost=own, apis=apis,
+        mode=cfg.mode,
+        targets=per_target,
+        slo=cfg.slo.model_dump(),
+        interrupted=interrupted,
+        best={"level": best["level"], "summary": best["summary"]} if best else None,
+        cost=own,
+        apis=apis,
         compare=report.compare_rows(per_target) if len(per_target) > 1 else None,
-        prompts={"source": cfg.prompts.source, "count": len(prompts), "api": cfg.api, "max_tokens": cfg.max_tokens,
-                 "ignore_eos": cfg.ignore_eos},
-        requests=s["requests"], errors=s["errors"], output_tokens_per_s=s["output_tokens_per_s"],
-        requests_per_s=s["request_throughput"], ttft_s=s["ttft_s"], e2e_s=s["e2e_s"], tpot_s=s["tpot_s"],
-        itl_s=s["itl_s"], token_source=s["token_source"])
+        prompts={
+            "source": cfg.prompts.source,
+            "count": len(prompts),
+            "api": cfg.api,
+            "max_tokens": cfg.max_tokens,
+            "ignore_eos": cfg.ignore_eos,
+        },
+        requests=s["requests"],
+        errors=s["errors"],
+        output_tokens_per_s=s["output_tokens_per_s"],
+        requests_per_s=s["request_throughput"],
+        ttft_s=s["ttft_s"],
+        e2e_s=s["e2e_s"],
+        tpot_s=s["tpot_s"],
+        itl_s=s["itl_s"],
+        token_source=s["token_source"],
+    )
 
 
 def load_prompts(cfg: BenchConfig, heldout: list[list[dict]] | None = None, tokenizer=None) -> list:
     """The prompts the config asks for (held-out conversations are passed in by the recipe)."""
-    from ..errors import FtxError
+    from ..core.errors import FtxError
     from . import prompts as P
 
     src = cfg.prompts
@@ -199,50 +275,11 @@ def summary_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())
 
 
-def measure(cfg: BenchConfig, endpoint, prompts: list, models: list[str] | None = None, out: Path | None = None,
-            tokenizer=None) -> BenchResult:
+def measure(
+    cfg: BenchConfig, endpoint, prompts: list, models: list[str] | None = None, out: Path | None = None, tokenizer=None
+) -> BenchResult:
     """Bench one serve.Endpoint (its model, or `models` spread over), outputs into `out` or a temp dir."""
     import tempfile
 
     target = Target(endpoint.model, endpoint.base_url, endpoint.api_key, models or [endpoint.model])
     return run(cfg, [target], prompts, out or Path(tempfile.mkdtemp(prefix="ftx-bench-")), tokenizer)
-
-
-def ab_rounds(cfg: BenchConfig, arms: dict, prompts: list, rounds: int) -> dict[str, list[dict]]:
-    """Two arms (name -> (endpoint, models or None)) loaded one at a time in A B B A ... order, so that machine
-    drift and noise hit both alike; per arm, one row of headline figures per round."""
-    names = list(arms)
-    runs: dict[str, list[dict]] = {n: [] for n in names}
-    for i in range(rounds):
-        for name in (names if i % 2 == 0 else names[::-1]):
-            ep, models = arms[name]
-            r = measure(cfg, ep, prompts, models=models)
-            s = r.targets[0]["levels"][0]["summary"]
-            runs[name].append({"tok_s": r.output_tokens_per_s, "total_tok_s": s["total_tokens_per_s"],
-                               "p99_e2e_s": r.e2e_s["p99"], "p99_ttft_s": r.ttft_s["p99"], "errors": r.errors})
-    return runs
-
-
-def ab_summary(runs: dict[str, list[dict]], title: str, ratio_label: str) -> dict:
-    """Medians per arm and the medians of the per-round ratios second arm / first arm; prints a table."""
-    import statistics
-
-    from rich.console import Console
-    from rich.table import Table
-
-    (a, ra), (b, rb) = runs.items()
-    tput = [y["tok_s"] / x["tok_s"] for x, y in zip(ra, rb)]
-    p99 = [y["p99_e2e_s"] / x["p99_e2e_s"] for x, y in zip(ra, rb)]
-    med = {k: {m: statistics.median(x[m] for x in v) for m in ("tok_s", "total_tok_s", "p99_e2e_s", "p99_ttft_s")}
-           for k, v in runs.items()}
-    table = Table(title=title)
-    for col in ("config", "output tok/s", "P99 e2e s", "P99 TTFT s", "errors"):
-        table.add_column(col)
-    for k, v in med.items():
-        table.add_row(k, f"{v['tok_s']:.1f}", f"{v['p99_e2e_s']:.3f}", f"{v['p99_ttft_s']:.3f}",
-                      str(sum(x["errors"] for x in runs[k])))
-    out = {"ratio": statistics.median(tput), "p99_ratio": statistics.median(p99), "ratios_per_round": tput,
-           "p99_ratios_per_round": p99, "median": med, "runs": runs}
-    table.add_row(ratio_label, f"{out['ratio']:.3f}x", f"{out['p99_ratio']:.3f}x", "", "")
-    Console().print(table)
-    return out

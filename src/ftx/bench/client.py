@@ -1,13 +1,9 @@
 """The load generator: streaming requests with the `openai` async client, one record per request.
 
-Load profiles, each run as one *level* (a sweep is several levels, one after the other):
-  concurrency  N requests in flight at all times (closed loop)
-  poisson      requests arrive at `rate` per second with exponential gaps (open loop, seeded), optionally
-               capped at `concurrency` in flight
-  burst        all requests of the level sent at once
-Warmup requests go first and are not recorded. A level ends after `requests` requests or `duration_s`
-seconds (no new request is sent after that; those in flight finish or time out). Errors and timeouts are
-recorded, never fatal. Ctrl-C stops sending, cancels what is in flight and keeps what finished.
+A level's requests are sent as its load profile says (ftx.bench.loads). Warmup requests go first and are not
+recorded. A level ends after `requests` requests or `duration_s` seconds (no new request is sent after that;
+those in flight finish or time out). Errors and timeouts are recorded, never fatal. Ctrl-C stops sending,
+cancels what is in flight and keeps what finished.
 """
 
 from __future__ import annotations
@@ -45,20 +41,42 @@ async def one_request(client, model: str, prompt, cfg, t_origin: float, tokenize
     The openai client sends the request (auth, timeouts, retries off, HTTP errors as exceptions); the SSE
     lines are parsed here with json.loads, as `vllm bench serve` does, instead of building a pydantic object
     per chunk: that cost ~1.7 ms of CPU per chunk on this 2-core machine, CPU the server under test needs."""
-    rec = {"start_s": time.perf_counter() - t_origin, "model": model, "ok": False, "ttft_s": None, "e2e_s": None,
-           "tpot_s": None, "itl_s": [], "input_tokens": None, "output_tokens": None, "chunks": 0,
-           "token_source": None, "finish_reason": None, "error": None}
+    rec = {
+        "start_s": time.perf_counter() - t_origin,
+        "model": model,
+        "ok": False,
+        "ttft_s": None,
+        "e2e_s": None,
+        "tpot_s": None,
+        "itl_s": [],
+        "input_tokens": None,
+        "output_tokens": None,
+        "chunks": 0,
+        "token_source": None,
+        "finish_reason": None,
+        "error": None,
+    }
     extra = {"ignore_eos": True} if cfg.ignore_eos else None
-    common = dict(model=model, max_tokens=cfg.max_tokens, temperature=cfg.temperature, stream=True,
-                  stream_options={"include_usage": True}, timeout=cfg.timeout_s, extra_body=extra)
+    common = dict(
+        model=model,
+        max_tokens=cfg.max_tokens,
+        temperature=cfg.temperature,
+        stream=True,
+        stream_options={"include_usage": True},
+        timeout=cfg.timeout_s,
+        extra_body=extra,
+    )
     chat = cfg.api == "chat"
     t0 = last = time.perf_counter()
     text = []
     usage = None
     try:
         api = client.chat.completions if chat else client.completions
-        request = (api.with_streaming_response.create(messages=P.as_messages(prompt), **common) if chat
-                   else api.with_streaming_response.create(prompt=P.as_text(prompt), **common))
+        request = (
+            api.with_streaming_response.create(messages=P.as_messages(prompt), **common)
+            if chat
+            else api.with_streaming_response.create(prompt=P.as_text(prompt), **common)
+        )
         async with request as response:
             async for line in response.iter_lines():
                 if not line.startswith("data:"):
@@ -87,7 +105,10 @@ async def one_request(client, model: str, prompt, cfg, t_origin: float, tokenize
         rec["e2e_s"] = time.perf_counter() - t0
         if usage is not None and usage.get("completion_tokens") is not None:
             rec["input_tokens"], rec["output_tokens"], rec["token_source"] = (
-                usage.get("prompt_tokens"), usage["completion_tokens"], "usage")
+                usage.get("prompt_tokens"),
+                usage["completion_tokens"],
+                "usage",
+            )
         elif tokenizer is not None:  # the server sent no usage: count with the model's tokenizer
             rec["output_tokens"] = P.count_tokens(tokenizer, "".join(text))
             rec["input_tokens"] = P.count_prompt_tokens(tokenizer, prompt, cfg.api)
@@ -131,20 +152,31 @@ class LoopLag:
         self.task.cancel()
 
 
-async def run_level(cfg, level: float, base_url: str, api_key: str, models: list[str], prompts: list,
-                    records: list, tokenizer=None, on_done=None, target: str | None = None) -> dict:
+async def run_level(
+    cfg,
+    level: float,
+    base_url: str,
+    api_key: str,
+    models: list[str],
+    prompts: list,
+    records: list,
+    tokenizer=None,
+    on_done=None,
+    target: str | None = None,
+) -> dict:
     """Run one load level; finished requests are appended to `records` as they complete (so an interrupted run
     keeps them). Returns {wall_s, client overhead figures}."""
     import numpy as np
 
-    mode = cfg.mode
-    # requests in flight at most: the level (concurrency, burst size), or poisson's optional cap; the client's
-    # connection pool must never be the limit, or an open-loop load would quietly queue inside the client
-    concurrency = int(level) if mode in ("concurrency", "burst") else (cfg.max_in_flight or 0)
+    from .loads import PROFILES
+
+    profile = PROFILES[cfg.mode]
+    # the client's connection pool must never be the limit, or an open-loop load would quietly queue inside it
+    concurrency = profile.max_in_flight(cfg, level)
     client = make_client(base_url, api_key, concurrency or cfg.requests, cfg.timeout_s)
     rng = np.random.default_rng(cfg.seed)
     t_origin = time.perf_counter()
-    n_max = max(cfg.requests, int(level) if mode == "burst" else 0)
+    n_max = max(cfg.requests, profile.requests(cfg, level))
     drawn = np.random.default_rng(cfg.seed + 1).integers(len(models), size=n_max + cfg.warmup)
 
     def model_for(i: int) -> str:  # warmup requests have negative indexes
@@ -158,6 +190,7 @@ async def run_level(cfg, level: float, base_url: str, api_key: str, models: list
                 records.append(rec)
             if on_done:
                 on_done()
+
         if sem is None:
             await go()
         else:
@@ -174,7 +207,7 @@ async def run_level(cfg, level: float, base_url: str, api_key: str, models: list
         tasks: list[asyncio.Future] = []
         with LoopLag() as lag:
             try:
-                await _schedule(cfg, mode, level, concurrency, rng, deadline, send, tasks)
+                await profile.schedule(cfg, level, rng, deadline, send, tasks)
                 await asyncio.gather(*tasks)
             except asyncio.CancelledError:  # Ctrl-C: stop what is in flight, keep what finished
                 for t in tasks:
@@ -185,46 +218,18 @@ async def run_level(cfg, level: float, base_url: str, api_key: str, models: list
         cpu = time.process_time() - cpu0
         n = max(len(records) - first, 1)
         lags = np.asarray(lag.lags or [0.0])
-        return {"wall_s": wall, "client": {"cpu_ms_per_request": 1000 * cpu / n, "cpu_share_of_wall": cpu / wall if wall else 0,
-                                           "loop_lag_p50_ms": 1000 * float(np.percentile(lags, 50)),
-                                           "loop_lag_p99_ms": 1000 * float(np.percentile(lags, 99)),
-                                           "loop_lag_max_ms": 1000 * float(lags.max())}}
+        return {
+            "wall_s": wall,
+            "client": {
+                "cpu_ms_per_request": 1000 * cpu / n,
+                "cpu_share_of_wall": cpu / wall if wall else 0,
+                "loop_lag_p50_ms": 1000 * float(np.percentile(lags, 50)),
+                "loop_lag_p99_ms": 1000 * float(np.percentile(lags, 99)),
+                "loop_lag_max_ms": 1000 * float(lags.max()),
+            },
+        }
     finally:
         await client.close()
-
-
-async def _schedule(cfg, mode, level, concurrency, rng, deadline, send, tasks) -> None:
-    """Start the level's requests as `mode` says, appending their tasks to `tasks`."""
-    import numpy as np
-
-    if mode == "concurrency":
-        sem = asyncio.Semaphore(concurrency)
-
-        async def slot(i):
-            try:
-                await send(i, None, True)
-            finally:
-                sem.release()
-
-        for i in range(cfg.requests):
-            await sem.acquire()  # closed loop: the next request leaves when one finishes
-            if deadline and time.perf_counter() > deadline:
-                sem.release()
-                break
-            tasks.append(asyncio.ensure_future(slot(i)))
-    elif mode == "poisson":
-        sem = asyncio.Semaphore(cfg.max_in_flight) if cfg.max_in_flight else None
-        gaps = rng.exponential(1.0 / level, size=cfg.requests)
-        start = time.perf_counter()
-        for i, at in enumerate(np.cumsum(gaps) - gaps[0]):  # the first request leaves at once
-            delay = start + at - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            if deadline and time.perf_counter() > deadline:
-                break
-            tasks.append(asyncio.ensure_future(send(i, sem, True)))
-    else:  # burst: the whole level at once
-        tasks.extend(asyncio.ensure_future(send(i, None, True)) for i in range(int(level)))
 
 
 def preflight(base_url: str, api_key: str, models: list[str], timeout_s: float = 10) -> list[str]:
@@ -234,7 +239,7 @@ def preflight(base_url: str, api_key: str, models: list[str], timeout_s: float =
     import urllib.error
     import urllib.request
 
-    from ..errors import FtxError
+    from ..core.errors import FtxError
 
     url = base_url.rstrip("/") + "/models"
     req = urllib.request.Request(url, headers={"Authorization": f"Bearer {api_key}"})
@@ -243,7 +248,9 @@ def preflight(base_url: str, api_key: str, models: list[str], timeout_s: float =
             served = [m.get("id") for m in json.loads(r.read().decode()).get("data", [])]
     except urllib.error.HTTPError as e:
         if e.code in (401, 403):
-            raise FtxError(f"endpoint {base_url} rejected the API key (HTTP {e.code}); set --api-key or FTX_API_KEY") from None
+            raise FtxError(
+                f"endpoint {base_url} rejected the API key (HTTP {e.code}); set --api-key or FTX_API_KEY"
+            ) from None
         if e.code == 404:
             return []  # no /models route: nothing to check against
         raise FtxError(f"endpoint {base_url}: GET /models answered HTTP {e.code}") from None
@@ -252,6 +259,7 @@ def preflight(base_url: str, api_key: str, models: list[str], timeout_s: float =
         raise FtxError(f"endpoint {base_url} is not reachable ({reason})") from None
     missing = [m for m in models if served and m not in served]
     if missing:
-        raise FtxError(f"endpoint {base_url} does not serve {', '.join(map(repr, missing))} "
-                       f"(it serves: {', '.join(served)})")
+        raise FtxError(
+            f"endpoint {base_url} does not serve {', '.join(map(repr, missing))} (it serves: {', '.join(served)})"
+        )
     return served

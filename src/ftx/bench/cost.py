@@ -29,6 +29,7 @@ HOURS_PER_MONTH = 730.0
 
 class Hardware(BaseModel):
     """bench/hardware/*.yaml"""
+
     model_config = ConfigDict(extra="forbid")
     name: str
     description: str = ""
@@ -46,7 +47,11 @@ class Hardware(BaseModel):
 
     @model_validator(mode="after")
     def _complete(self):
-        need = ("purchase_usd", "amortization_months", "power_w", "usd_per_kwh") if self.kind == "owned" else ("usd_per_hour",)
+        need = (
+            ("purchase_usd", "amortization_months", "power_w", "usd_per_kwh")
+            if self.kind == "owned"
+            else ("usd_per_hour",)
+        )
         missing = [k for k in need if getattr(self, k) is None]
         if missing:
             raise ValueError(f"a {self.kind} profile needs {', '.join(missing)}")
@@ -77,21 +82,26 @@ class ApiPrice(BaseModel):
 
 class ApiPrices(BaseModel):
     """bench/api_prices.yaml"""
+
     model_config = ConfigDict(extra="forbid")
     currency: Literal["USD"] = "USD"
     models: list[ApiPrice] = Field(min_length=1)
 
 
-def load_hardware(path: Path) -> Hardware:
-    from .. import config
+def load_hardware(path: Path | str) -> Hardware:
+    """A hardware profile: a YAML file, or the name of a packaged one (cloud-2vcpu, cloud-rtx4090,
+    rtx4090-workstation)."""
+    from ..core import config, resources
 
-    return config.load(path, Hardware, what="hardware profile").model
+    named = resources.hardware_profiles().get(str(path))
+    return config.load(named or Path(path), Hardware, what="hardware profile").model
 
 
-def load_prices(path: Path) -> ApiPrices:
-    from .. import config
+def load_prices(path: Path | None = None) -> ApiPrices:
+    """An API price list (default: the packaged api_prices.yaml)."""
+    from ..core import config, resources
 
-    return config.load(path, ApiPrices, what="API price list").model
+    return config.load(path or resources.path("api_prices.yaml"), ApiPrices, what="API price list").model
 
 
 def self_hosting(hw: Hardware, goodput: dict) -> dict | None:
@@ -106,15 +116,23 @@ def self_hosting(hw: Hardware, goodput: dict) -> dict | None:
     t_in, t_out = g_in * 3600 * busy_h, g_out * 3600 * busy_h
     p = goodput.get("prefill_time_share") or 0.0
     return {
-        "hardware": hw.name, "kind": hw.kind, "utilization": u, "monthly_cost_usd": cost,
-        "fixed_usd_per_month": hw.fixed_per_month(), "energy_usd_per_busy_hour": hw.energy_per_busy_hour(),
-        "tokens_per_month": t_in + t_out, "input_tokens_per_month": t_in, "output_tokens_per_month": t_out,
+        "hardware": hw.name,
+        "kind": hw.kind,
+        "utilization": u,
+        "monthly_cost_usd": cost,
+        "fixed_usd_per_month": hw.fixed_per_month(),
+        "energy_usd_per_busy_hour": hw.energy_per_busy_hour(),
+        "tokens_per_month": t_in + t_out,
+        "input_tokens_per_month": t_in,
+        "output_tokens_per_month": t_out,
         "capacity_tokens_per_month": g * 3600 * HOURS_PER_MONTH,
         "usd_per_1m_tokens": cost / (t_in + t_out) * 1e6,
         "usd_per_1m_input": p * cost / t_in * 1e6 if t_in else None,
         "usd_per_1m_output": (1 - p) * cost / t_out * 1e6,
-        "prefill_time_share": p, "input_share": t_in / (t_in + t_out),
-        "hardware_source": hw.source, "hardware_as_of": hw.as_of.isoformat(),
+        "prefill_time_share": p,
+        "input_share": t_in / (t_in + t_out),
+        "hardware_source": hw.source,
+        "hardware_as_of": hw.as_of.isoformat(),
     }
 
 
@@ -128,21 +146,33 @@ def versus_apis(own: dict, prices: ApiPrices, goodput_tokens_per_s: float) -> li
         api_cost = (t_in * m.input_usd_per_1m + t_out * m.output_usd_per_1m) / 1e6
         a = (share_in * m.input_usd_per_1m + (1 - share_in) * m.output_usd_per_1m) / 1e6  # $ per token, this mix
         v_star = own["fixed_usd_per_month"] / (a - e_per_token) if a > e_per_token else None
-        rows.append({
-            "api": m.name, "provider": m.provider, "input_usd_per_1m": m.input_usd_per_1m,
-            "output_usd_per_1m": m.output_usd_per_1m, "blended_usd_per_1m": a * 1e6,
-            "api_monthly_cost_usd": api_cost, "self_hosted_monthly_cost_usd": own["monthly_cost_usd"],
-            "api_over_self_hosted": api_cost / own["monthly_cost_usd"] if own["monthly_cost_usd"] else None,
-            "break_even_tokens_per_month": v_star,
-            "break_even_reachable": v_star is not None and v_star <= own["capacity_tokens_per_month"],
-            "break_even_utilization": v_star / own["capacity_tokens_per_month"] if v_star is not None else None,
-            "source": m.source, "as_of": m.as_of.isoformat(),
-        })
+        rows.append(
+            {
+                "api": m.name,
+                "provider": m.provider,
+                "input_usd_per_1m": m.input_usd_per_1m,
+                "output_usd_per_1m": m.output_usd_per_1m,
+                "blended_usd_per_1m": a * 1e6,
+                "api_monthly_cost_usd": api_cost,
+                "self_hosted_monthly_cost_usd": own["monthly_cost_usd"],
+                "api_over_self_hosted": api_cost / own["monthly_cost_usd"] if own["monthly_cost_usd"] else None,
+                "break_even_tokens_per_month": v_star,
+                "break_even_reachable": v_star is not None and v_star <= own["capacity_tokens_per_month"],
+                "break_even_utilization": v_star / own["capacity_tokens_per_month"] if v_star is not None else None,
+                "source": m.source,
+                "as_of": m.as_of.isoformat(),
+            }
+        )
     return rows
 
 
-def lora_break_even(merged_tokens_per_s: float, multi_tokens_per_s: float, hw: Hardware | None,
-                    adapters=(1, 2, 4, 8, 16, 32), loads=(0.01, 0.1, 0.5, 1.0)) -> dict:
+def lora_break_even(
+    merged_tokens_per_s: float,
+    multi_tokens_per_s: float,
+    hw: Hardware | None,
+    adapters=(1, 2, 4, 8, 16, 32),
+    loads=(0.01, 0.1, 0.5, 1.0),
+) -> dict:
     """Merged models (one deployment per fine-tune) vs one multi-LoRA server, same traffic per adapter.
 
     T_m, T_l: goodput of one machine serving a merged model / serving N adapters; r = T_l / T_m.
@@ -158,12 +188,24 @@ def lora_break_even(merged_tokens_per_s: float, multi_tokens_per_s: float, hw: H
         for x in loads:
             m_merged = n * math.ceil(x - 1e-9)
             m_lora = math.ceil(n * x / r - 1e-9)
-            rows.append({"adapters": n, "traffic_per_adapter_tokens_per_s": x * merged_tokens_per_s,
-                         "traffic_per_adapter_share_of_machine": x, "machines_merged": m_merged,
-                         "machines_multi_lora": m_lora,
-                         "monthly_usd_merged": m_merged * per_machine if per_machine else None,
-                         "monthly_usd_multi_lora": m_lora * per_machine if per_machine else None})
-    return {"ratio": r, "merged_tokens_per_s": merged_tokens_per_s, "multi_lora_tokens_per_s": multi_tokens_per_s,
-            "break_even_traffic_per_adapter_tokens_per_s": r * merged_tokens_per_s,
-            "break_even_tokens_per_month_per_adapter": r * merged_tokens_per_s * 3600 * HOURS_PER_MONTH,
-            "machine_usd_per_month": per_machine, "hardware": hw.name if hw else None, "rows": rows}
+            rows.append(
+                {
+                    "adapters": n,
+                    "traffic_per_adapter_tokens_per_s": x * merged_tokens_per_s,
+                    "traffic_per_adapter_share_of_machine": x,
+                    "machines_merged": m_merged,
+                    "machines_multi_lora": m_lora,
+                    "monthly_usd_merged": m_merged * per_machine if per_machine else None,
+                    "monthly_usd_multi_lora": m_lora * per_machine if per_machine else None,
+                }
+            )
+    return {
+        "ratio": r,
+        "merged_tokens_per_s": merged_tokens_per_s,
+        "multi_lora_tokens_per_s": multi_tokens_per_s,
+        "break_even_traffic_per_adapter_tokens_per_s": r * merged_tokens_per_s,
+        "break_even_tokens_per_month_per_adapter": r * merged_tokens_per_s * 3600 * HOURS_PER_MONTH,
+        "machine_usd_per_month": per_machine,
+        "hardware": hw.name if hw else None,
+        "rows": rows,
+    }

@@ -25,8 +25,11 @@ class SLO(BaseModel):
     max_error_rate: float = Field(0.0, ge=0, le=1)
 
     def limits_s(self) -> dict[str, float]:
-        return {m: v / 1000 for m, v in (("ttft_s", self.ttft_ms), ("tpot_s", self.tpot_ms), ("e2e_s", self.e2e_ms))
-                if v is not None}
+        return {
+            m: v / 1000
+            for m, v in (("ttft_s", self.ttft_ms), ("tpot_s", self.tpot_ms), ("e2e_s", self.e2e_ms))
+            if v is not None
+        }
 
 
 def distribution(values: list[float]) -> dict:
@@ -36,8 +39,12 @@ def distribution(values: list[float]) -> dict:
     if not values:
         return {"n": 0, "mean": None, "std": None, **{f"p{p}": None for p in PCTS}}
     a = np.asarray(values, dtype=float)
-    return {"n": int(a.size), "mean": float(a.mean()), "std": float(a.std()),
-            **{f"p{p}": float(np.percentile(a, p)) for p in PCTS}}
+    return {
+        "n": int(a.size),
+        "mean": float(a.mean()),
+        "std": float(a.std()),
+        **{f"p{p}": float(np.percentile(a, p)) for p in PCTS},
+    }
 
 
 def good(record: dict, slo: SLO) -> bool:
@@ -75,20 +82,33 @@ def summarize(records: list[dict], wall_s: float, slo: SLO) -> dict:
     checks["error_rate"] = {"value": error_rate, "limit": slo.max_error_rate, "ok": error_rate <= slo.max_error_rate}
     sources = {r.get("token_source") for r in ok}
     return {
-        "requests": n, "ok": len(ok), "errors": n - len(ok), "error_rate": error_rate,
+        "requests": n,
+        "ok": len(ok),
+        "errors": n - len(ok),
+        "error_rate": error_rate,
         "timeouts": sum(1 for r in records if r.get("timeout")),
-        "wall_s": wall_s, **dists,
-        "input_tokens": in_tok, "output_tokens": out_tok,
-        "request_throughput": per_s(len(ok)), "output_tokens_per_s": per_s(out_tok),
+        "wall_s": wall_s,
+        **dists,
+        "input_tokens": in_tok,
+        "output_tokens": out_tok,
+        "request_throughput": per_s(len(ok)),
+        "output_tokens_per_s": per_s(out_tok),
         "total_tokens_per_s": per_s(in_tok + out_tok),
-        "goodput": {"requests": len(good_recs), "good_fraction": len(good_recs) / n if n else 0.0,
-                    "requests_per_s": per_s(len(good_recs)),
-                    "output_tokens_per_s": per_s(sum(r["output_tokens"] or 0 for r in good_recs)),
-                    "input_tokens_per_s": per_s(sum(r["input_tokens"] or 0 for r in good_recs)),
-                    # prefill's share of the good requests' time: splits a cost between input and output
-                    "prefill_time_share": (sum(r["ttft_s"] for r in good_recs) / sum(r["e2e_s"] for r in good_recs)
-                                           if good_recs and sum(r["e2e_s"] for r in good_recs) > 0 else None)},
-        "slo_checks": checks, "meets_slo": all(c["ok"] for c in checks.values()) and len(ok) > 0,
+        "goodput": {
+            "requests": len(good_recs),
+            "good_fraction": len(good_recs) / n if n else 0.0,
+            "requests_per_s": per_s(len(good_recs)),
+            "output_tokens_per_s": per_s(sum(r["output_tokens"] or 0 for r in good_recs)),
+            "input_tokens_per_s": per_s(sum(r["input_tokens"] or 0 for r in good_recs)),
+            # prefill's share of the good requests' time: splits a cost between input and output
+            "prefill_time_share": (
+                sum(r["ttft_s"] for r in good_recs) / sum(r["e2e_s"] for r in good_recs)
+                if good_recs and sum(r["e2e_s"] for r in good_recs) > 0
+                else None
+            ),
+        },
+        "slo_checks": checks,
+        "meets_slo": all(c["ok"] for c in checks.values()) and len(ok) > 0,
         "token_source": sources.pop() if len(sources) == 1 else ("mixed" if sources else "none"),
     }
 

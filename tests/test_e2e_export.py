@@ -1,0 +1,161 @@
+"""End to end: the GGUF export of the quickstart run. The f16 GGUF equals the HF model and tokenizes like it, the
+quant ladder and its quality gate (every figure recomputed from raw llama.cpp logits), metadata, the GGUF LoRA,
+the proven Modelfile; an importance-matrix export and a gate nothing passes, both from the cache."""
+
+import json
+import subprocess
+
+import numpy as np
+import pytest
+
+from .conftest import ftx_cmd, ftx_run
+
+pytestmark = pytest.mark.e2e
+
+
+def test_f16_gguf_agrees_with_hf_and_tokenizers_match(quickstart_run, hf, heldout):
+    from llama_cpp import Llama
+
+    from ftx.core import chat, gguf
+    from ftx.core.models import compare_logits, token_logits
+
+    tok, _, merged = hf
+    seqs = [chat.render(tok, m, 512)["input_ids"] for m in heldout[:12]]
+    cmp = compare_logits(gguf.logits(quickstart_run["dir"] / "model-f16.gguf", seqs), token_logits(merged, seqs))
+    assert cmp["top1_agreement"] >= 0.99, cmp
+    assert quickstart_run["card"]["export"]["files"][0]["top1_agreement"] >= 0.99
+    llm = Llama(model_path=str(quickstart_run["dir"] / "model-f16.gguf"), n_ctx=256, vocab_only=True, verbose=False)
+    text = "".join(m[0]["content"] + " 12 345 6789\n" for m in heldout)
+    assert llm.tokenize(text.encode(), add_bos=False, special=True) == tok(text)["input_ids"]
+
+
+def test_quantized_files_get_smaller(quickstart_run):
+    size = {q: (quickstart_run["dir"] / f"model-{q}.gguf").stat().st_size for q in ("f16", "q8_0", "q6_k", "q4_k_m")}
+    assert size["q4_k_m"] < size["q6_k"] < size["q8_0"] < size["f16"], size
+    with open(quickstart_run["dir"] / "model-q4_k_m.gguf", "rb") as f:
+        assert f.read(4) == b"GGUF"
+
+
+def test_gguf_metadata_carries_name_license_template_and_lineage(quickstart_run):
+    from ftx.core.gguf import fields
+
+    key = quickstart_run["manifest"]["stages"]["export"]["key"]
+    for q in ("f16", quickstart_run["card"]["export"]["selected"]):  # llama-quantize copies the metadata
+        value = fields(
+            quickstart_run["dir"] / f"model-{q}.gguf",
+            ("general.name", "general.license", "general.tags", "tokenizer.chat_template"),
+        )
+        assert value["general.name"] == "quickstart" and value["general.license"] == "apache-2.0", value
+        assert f"ftx-lineage:{key}" in value["general.tags"]
+        assert "<|im_start|>" in value["tokenizer.chat_template"]
+    assert quickstart_run["card"]["export"]["lineage"] == key
+
+
+def test_gguf_lora_adapter_in_llama_cpp_matches_hf_peft(quickstart_run, hf, heldout):
+    from ftx.core import chat, gguf
+    from ftx.core.models import compare_logits, token_logits
+
+    run_dir = quickstart_run["dir"]
+    lora = quickstart_run["card"]["export"]["packaging"]["lora_adapter"]
+    assert lora["top1_agreement"] >= 0.99 and lora["adapter_size_bytes"] < 20e6
+    tok, peft_model, _ = hf
+    seqs = [chat.render(tok, m, 512)["input_ids"] for m in heldout[:8]]
+    reference = token_logits(peft_model, seqs)  # HF base + LoRA
+    with_adapter = compare_logits(
+        gguf.logits(run_dir / "base-f16.gguf", seqs, lora=run_dir / "adapter-f16.gguf"), reference
+    )
+    without = compare_logits(gguf.logits(run_dir / "base-f16.gguf", seqs), reference)
+    assert with_adapter["top1_agreement"] >= 0.99, with_adapter
+    # the agreement comes from the adapter: llama.cpp's base alone predicts the fine-tuned tokens far less often
+    assert without["top1_agreement"] < with_adapter["top1_agreement"] - 0.05, without
+    mf = (run_dir / "Modelfile.adapter").read_text()
+    assert "FROM ./base-f16.gguf" in mf and "ADAPTER ./adapter-f16.gguf" in mf
+
+
+def test_modelfile(quickstart_run):
+    run_dir = quickstart_run["dir"]
+    mf = (run_dir / "Modelfile").read_text()
+    ex = quickstart_run["card"]["export"]
+    assert f"FROM ./model-{ex['selected']}.gguf" in mf and (run_dir / f"model-{ex['selected']}.gguf").exists()
+    assert 'PARAMETER stop "<|im_end|>"' in mf and "PARAMETER num_ctx 512" in mf
+    assert "<|im_start|>{{ .Role }}" in mf and "{{ .Content }}<|im_end|>" in mf
+    proof = json.loads((run_dir / "Modelfile.proof.json").read_text())
+    assert proof["proven"] and proof["family"] == "chatml"
+    assert [r["status"] for r in proof["rows"]] == ["same"] * 5
+    assert ex["packaging"]["modelfile"]["family"] == "chatml"
+    assert "chatml family, proven" in (run_dir / "run_card.md").read_text()
+
+
+def test_quality_gate_measures_every_quant_and_serves_the_smallest_passing(quickstart_run, heldout, tmp_path):
+    from transformers import AutoTokenizer
+
+    from ftx.core import chat, gguf
+    from ftx.formats import gate
+
+    run_dir, ex = quickstart_run["dir"], quickstart_run["card"]["export"]
+    ref, quants = ex["files"][0], {f["name"]: f for f in ex["files"][1:]}
+    assert ref["name"] == "f16" and ref["ppl"] > 1 and ref["mean_kld"] is None and ex["eval_tokens"] > 1000
+    budgets = ex["gate"]
+    for f in quants.values():
+        assert 0 <= f["mean_kld"] <= f["p99_kld"] and 0 < f["same_top"] <= 1
+        within = f["mean_kld"] <= budgets["max_mean_kld"] and f["ppl_ratio"] <= budgets["max_ppl_ratio"]
+        assert f["passed"] is within, f  # the verdict follows from the figures and the budgets
+    assert quants["q8_0"]["mean_kld"] < quants["q4_k_m"]["mean_kld"]  # fewer bits, further from f16
+    passing = sorted((f for f in quants.values() if f["passed"]), key=lambda f: f["size_bytes"])
+    assert passing and ex["selected"] == passing[0]["name"]
+    assert quickstart_run["card"]["serve"]["served"] == f"model-{ex['selected']}.gguf"  # serve.quant: auto
+    # the metrics themselves: f16 against itself is ~0; q4_k_m's KL recomputed here from raw llama.cpp logits
+    tok = AutoTokenizer.from_pretrained(run_dir / "merged")
+    seqs = [chat.render(tok, m, 512)["input_ids"] for m in heldout[:6]]
+    f16, q4 = run_dir / "model-f16.gguf", run_dir / "model-q4_k_m.gguf"
+    ppl = gate.save_reference(gguf.logprobs(f16, seqs), seqs, tmp_path / "ref.npy")
+    same = gate.compare(gguf.logprobs(f16, seqs), tmp_path / "ref.npy", ppl)
+    assert same["mean_kld"] < 1e-3 and same["same_top"] > 0.99 and same["ppl_ratio"] == pytest.approx(1, abs=1e-3)
+    q4_metrics = gate.compare(gguf.logprobs(q4, seqs), tmp_path / "ref.npy", ppl)
+
+    def log_softmax(x):
+        x = x - x.max(-1, keepdims=True)
+        return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+    keep = np.concatenate([np.arange(len(s) - 1) + sum(map(len, seqs[:i])) for i, s in enumerate(seqs)])
+    p = log_softmax(gguf.logits(f16, seqs).astype(np.float64))[keep]
+    q = log_softmax(gguf.logits(q4, seqs).astype(np.float64))[keep]
+    kl = (np.exp(p) * (p - q)).sum(-1)
+    assert q4_metrics["mean_kld"] == pytest.approx(kl.mean(), rel=0.02, abs=2e-4)
+    assert q4_metrics["same_top"] == pytest.approx((p.argmax(-1) == q.argmax(-1)).mean(), abs=0.01)
+
+
+def test_imatrix_quantization_uses_the_training_conversations(quickstart_run):
+    run_dir, manifest = ftx_run(
+        quickstart_run["out"],
+        "export.gguf.imatrix=true",
+        "export.gguf.quants=[q4_k_m]",
+        "export.quality_gate=null",
+        "export.lora_adapter=false",
+        "--until",
+        "export",
+    )
+    assert manifest["stages"]["merge"]["cached"] and not manifest["stages"]["export"]["cached"]
+    ex = json.loads((run_dir / "run_card.json").read_text())["export"]
+    assert (
+        ex["extras"]["imatrix"] == "imatrix.gguf"
+        and (run_dir / "stages" / "export" / "imatrix.gguf").stat().st_size > 0
+    )
+    assert ex["gate"] is None and ex["selected"] == "q4_k_m" and ex["files"][1]["passed"] is None
+    # the importance matrix changes the quantized weights
+    plain, weighted = quickstart_run["dir"] / "model-q4_k_m.gguf", run_dir / "model-q4_k_m.gguf"
+    assert plain.stat().st_size > 0 and plain.read_bytes() != weighted.read_bytes()
+    assert "calibration" not in " ".join(p.name for p in (run_dir / "stages" / "export").iterdir())  # scratch removed
+
+
+def test_quality_gate_that_nothing_passes_fails_the_export_cleanly(quickstart_run):
+    before = set((quickstart_run["out"] / ".cache" / "export").iterdir())
+    proc = subprocess.run(
+        ftx_cmd(quickstart_run["out"], "export.quality_gate.max_mean_kld=1e-7", "--until", "export"),
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
+    assert proc.returncode == 2
+    assert "no quant passes export.quality_gate" in proc.stderr and "q4_k_m: KLD" in proc.stderr
+    assert set((quickstart_run["out"] / ".cache" / "export").iterdir()) == before  # no partial or temp dir left
