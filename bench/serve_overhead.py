@@ -1,73 +1,75 @@
 """ftx's serving layer (ftx.gateway in front of llama-server) vs the raw engine: same GGUF, same slots, same load.
 
-Targets (issue 6): throughput ratio >= 0.97 (<= 3% overhead), P99 end-to-end latency ratio <= 1.05.
-Prints a table and writes bench/results/serve_overhead.json (serve_overhead_t<N>.json with --threads N);
-headline `ratio` = output tok/s through the gateway / output tok/s straight from llama-server, `p99_ratio` =
-P99 e2e through the gateway / raw, both medians of per-round ratios; both servers run for the whole benchmark
-and are loaded one at a time in A B B A order, so machine drift hits both. Also `gateway_cpu_share`: the
-gateway's CPU time over that of the llama-server behind it, steadier than throughput on a shared machine.
-Streaming chat requests with the openai async client (ftx.bench). Uses the quickstart run's Q4_K_M GGUF
-unless a path is given. On a 2-core CPU the engine saturates both cores by default, so anything else that runs
-(the bench client, the gateway) takes CPU from it; `--threads 1` leaves a core to them, as a GPU engine would.
+Targets: throughput ratio >= 0.97 (<= 3% overhead), P99 end-to-end latency ratio <= 1.05. Both servers run for the
+whole benchmark and are loaded one at a time in alternating order (bench/harness.py). Headline `ratio` = output
+tok/s through the gateway / straight from llama-server (median of per-round ratios), `p99_ratio` the same for P99
+e2e. Also `gateway_cpu_share`: the gateway's CPU time over that of the llama-server behind it, steadier than
+throughput on a shared machine. Streaming chat requests with the openai async client (ftx.bench). Uses the
+quickstart run's Q4_K_M GGUF unless a path is given. On a 2-core CPU the engine saturates both cores by default,
+so anything else that runs (the bench client, the gateway) takes CPU from it; `--threads 1` leaves a core to
+them, as a GPU engine would.
 
     .venv/bin/python bench/serve_overhead.py [path/to/model.gguf] [--rounds 8] [--requests 32] [--threads N]
 """
 
-import argparse
-import sys
 import tempfile
 from pathlib import Path
 
+import harness
 import psutil
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def main() -> None:
-    from ftx import bench, data, serve
-    from ftx.util import write_json
+    from ftx import bench, serving
+    from ftx.core.rows import load_rows
 
-    ap = argparse.ArgumentParser()
-    ap.add_argument("gguf", nargs="?", default=str(ROOT / "runs" / "quickstart" / "latest" / "model-q4_k_m.gguf"))
-    ap.add_argument("--rounds", type=int, default=8)
+    ap = harness.parser(__doc__, rounds=8)
+    ap.add_argument("gguf", nargs="?", default=None)
     ap.add_argument("--requests", type=int, default=32)
     ap.add_argument("--concurrency", type=int, default=4)
     ap.add_argument("--threads", type=int, default=None, help="llama-server threads (default: all cores)")
     args = ap.parse_args()
-    gguf = Path(args.gguf)
-    if not gguf.exists():
-        sys.exit(f"{gguf}: not found; run `make quickstart` first or pass a GGUF path")
-    prompts = [m[:-1] for m in data.load_rows(ROOT / "recipes" / "data" / "quickstart_heldout.jsonl")]
+    gguf = Path(args.gguf) if args.gguf else harness.quickstart_run() / "model-q4_k_m.gguf"
+    prompts = [m[:-1] for m in load_rows(harness.ROOT / "recipes" / "data" / "quickstart_heldout.jsonl")]
     cfg = bench.BenchConfig(requests=args.requests, concurrency=args.concurrency, warmup=4, max_tokens=64)
-    scfg = serve.ServeConfig(parallel=4, ctx_size=4096, threads=args.threads)
+    settings = serving.ServeSettings(llamacpp={"parallel": 4, "ctx_size": 4096, "threads": args.threads})
     tmp = Path(tempfile.mkdtemp())
-    # both up for the whole run, used one at a time in A B B A order, so drift and noise hit both alike
+
+    def arm(ep):
+        def run() -> dict:
+            r = bench.measure(cfg, ep, prompts)
+            return {"tok_s": r.output_tokens_per_s, "p99_e2e_s": r.e2e_s["p99"], "errors": r.errors}
+
+        return run
+
     with (
-        serve.running(scfg, gguf, "bench", tmp / "raw.log", raw=True) as raw_ep,
-        serve.running(scfg, gguf, "bench", tmp / "gw.log") as gw_ep,
+        serving.start(settings, gguf, "bench", tmp / "raw.log", raw=True) as raw,
+        serving.start(settings, gguf, "bench", tmp / "gw.log") as gw,
     ):
-        # CPU time is steadier than the throughput on a shared machine: the gateway's own CPU time against the
-        # CPU time of the llama-server behind it, over the whole run (both idle outside the gateway's rounds)
-        procs = {"gateway": psutil.Process(gw_ep.process.pid), "engine": psutil.Process(gw_ep.engine.pid)}
+        procs = {"gateway": psutil.Process(gw.process.pid), "engine": psutil.Process(gw.engine.pid)}
         cpu0 = {k: sum(p.cpu_times()[:2]) for k, p in procs.items()}
-        runs = bench.ab_rounds(
-            cfg, {"raw llama-server": (raw_ep, None), "ftx gateway": (gw_ep, None)}, prompts, args.rounds
-        )
+        runs = harness.ab_rounds({"raw llama-server": arm(raw), "ftx gateway": arm(gw)}, args.rounds, args.warmup)
         cpu = {k: sum(p.cpu_times()[:2]) - cpu0[k] for k, p in procs.items()}
-    out = bench.ab_summary(
-        runs,
+    med = harness.medians(runs, ("tok_s", "p99_e2e_s"))
+    p99 = harness.summarize(harness.per_round(runs, "p99_e2e_s", "ftx gateway", "raw llama-server"), "<= 1.05")
+    harness.table(
         f"serving layer overhead ({args.requests} streaming requests, concurrency {args.concurrency})",
-        "gateway / raw",
+        ["config", "output tok/s", "P99 e2e s", "errors"],
+        [
+            [k, f"{v['tok_s']:.1f}", f"{v['p99_e2e_s']:.3f}", str(sum(r["errors"] for r in runs[k]))]
+            for k, v in med.items()
+        ],
     )
-    out["gateway_cpu_s"], out["engine_cpu_s"] = cpu["gateway"], cpu["engine"]
-    out["gateway_cpu_share"] = cpu["gateway"] / cpu["engine"]
+    share = cpu["gateway"] / cpu["engine"]
     print(
-        f"gateway CPU {cpu['gateway']:.2f} s = {100 * out['gateway_cpu_share']:.1f}% of the CPU time of the "
-        f"llama-server behind it ({cpu['engine']:.1f} s)"
+        f"gateway CPU {cpu['gateway']:.2f} s = {100 * share:.1f}% of the CPU time of the llama-server behind it "
+        f"({cpu['engine']:.1f} s); P99 ratio {p99['ratio']:.3f} (target <= 1.05, met: {p99['met']})"
     )
-    out.update(
-        targets={"ratio": ">= 0.97", "p99_ratio": "<= 1.05"},
-        config={
+    name = "serve_overhead" if args.threads is None else f"serve_overhead_t{args.threads}"
+    harness.write(
+        name,
+        harness.summarize(harness.per_round(runs, "tok_s", "ftx gateway", "raw llama-server"), ">= 0.97"),
+        {
             "gguf": str(gguf),
             "requests": args.requests,
             "concurrency": args.concurrency,
@@ -76,11 +78,13 @@ def main() -> None:
             "rounds": args.rounds,
             "threads": args.threads,
         },
+        p99_ratio=p99["ratio"],
+        p99=p99,
+        gateway_cpu_share=share,
+        cpu_s=cpu,
+        median=med,
+        runs=runs,
     )
-    name = "serve_overhead" if args.threads is None else f"serve_overhead_t{args.threads}"
-    dst = ROOT / "bench" / "results" / f"{name}.json"
-    write_json(dst, out)
-    print(f"wrote {dst}")
 
 
 if __name__ == "__main__":

@@ -1,30 +1,25 @@
 """Trained (response) tokens per second: ftx's batching vs the naive baseline the fine-tuning guides show.
 
 A  (ftx, packing: false, the default on CPU): rows rendered with the chat template, labels on assistant
-           tokens only, batches padded to their longest row (ftx.train.collate).
+           tokens only, batches padded to their longest row (ftx.core.chat.collate).
 A' (ftx, packing: true, the default with flash-attention): the same rows, each batch packed into one row
-           without padding and without cross-example attention (ftx.train.collate_packed).
+           without padding and without cross-example attention (ftx.stages.train.collate_packed).
 B (naive): the same rendered text tokenized with padding="max_length" (max_seq_len), labels = input_ids
            (DataCollatorForLanguageModeling), as in the common HF Trainer recipes.
 Same base model (SmolLM2-135M, fp32 on CPU), same rows, same LoRA config, batch size and step count;
-only trainer.train() is timed. Rounds alternate A, A', B, A, A', B so machine drift hits all. Both count the same
-useful tokens: the response tokens of the rows they trained on.
+only trainer.train() is timed. Rounds alternate the arms' order (bench/harness.py) so machine drift hits all.
+Both count the same useful tokens: the response tokens of the rows they trained on.
 
-Prints a table and writes bench/results/train_throughput.json; headline `ratio` = median A/B tokens/s.
+Headline `ratio` = median over rounds of A / B response tokens per second (target >= 3); A'/A is reported too.
 
-    .venv/bin/python bench/train_throughput.py [--steps 6] [--rounds 2] [--max-seq-len 512]
+    .venv/bin/python bench/train_throughput.py [--steps 6] [--rounds 5] [--max-seq-len 512]
 """
 
-import argparse
-import os
-import statistics
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+import harness
 
 
 def run_once(kind: str, base_dir: Path, rows: list, steps: int, batch: int, max_seq_len: int) -> dict:
@@ -39,15 +34,16 @@ def run_once(kind: str, base_dir: Path, rows: list, steps: int, batch: int, max_
         set_seed,
     )
 
-    from ftx import data
-    from ftx.train import collate, collate_packed
+    from ftx.core import chat
+    from ftx.core.chat import collate
+    from ftx.stages.train import collate_packed
 
     set_seed(0)
     tok = AutoTokenizer.from_pretrained(base_dir)
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     model.config.use_cache = False
     model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM"))
-    rendered = [data.render(tok, m, max_seq_len) for m in rows]
+    rendered = [chat.render(tok, m, max_seq_len) for m in rows]
     response_tokens = [sum(x != -100 for x in r["labels"]) for r in rendered]
     if kind == "ftx-packed":
         ds, collator = rendered, collate_packed
@@ -89,61 +85,54 @@ def run_once(kind: str, base_dir: Path, rows: list, steps: int, batch: int, max_
 
 
 def main() -> None:
-    from rich.console import Console
-    from rich.table import Table
+    from ftx.core import basemodel
+    from ftx.core.rows import load_rows
 
-    from ftx import basemodel, data
-    from ftx.util import write_json
-
-    ap = argparse.ArgumentParser()
+    ap = harness.parser(__doc__)
     ap.add_argument("--steps", type=int, default=6)
-    ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--max-seq-len", type=int, default=512)
     args = ap.parse_args()
     base_dir = basemodel.resolve("smollm2-135m-instruct")
-    rows = data.load_rows(ROOT / "recipes" / "data" / "quickstart.jsonl")[: args.steps * args.batch]
-    runs = {"ftx": [], "ftx-packed": [], "naive": []}
-    for _ in range(args.rounds):
-        for kind in runs:
-            runs[kind].append(run_once(kind, base_dir, rows, args.steps, args.batch, args.max_seq_len))
-    ratios = [a["tokens_per_s"] / b["tokens_per_s"] for a, b in zip(runs["ftx"], runs["naive"])]
-    med = {k: {m: statistics.median(r[m] for r in v) for m in ("tokens_per_s", "s_per_step")} for k, v in runs.items()}
-    packing = [a["tokens_per_s"] / b["tokens_per_s"] for a, b in zip(runs["ftx-packed"], runs["ftx"])]
-    out = {
-        "ratio": statistics.median(ratios),
-        "ratios_per_round": ratios,
-        "packing_vs_padded_ratio": statistics.median(packing),
-        "median": med,
-        "runs": runs,
-        "config": vars(args) | {"model": "smollm2-135m-instruct", "rows": len(rows), "device": "cpu", "dtype": "fp32"},
+    rows = load_rows(harness.ROOT / "recipes" / "data" / "quickstart.jsonl")[: args.steps * args.batch]
+    arms = {
+        kind: (lambda k=kind: run_once(k, base_dir, rows, args.steps, args.batch, args.max_seq_len))
+        for kind in ("naive", "ftx", "ftx-packed")
     }
-    table = Table(
-        title=f"LoRA training throughput, {args.steps} steps x batch {args.batch}, max_seq_len {args.max_seq_len}"
+    runs = harness.ab_rounds(arms, args.rounds, args.warmup)
+    med = harness.medians(runs, ("tokens_per_s", "s_per_step"))
+    headline = harness.summarize(harness.per_round(runs, "tokens_per_s", "ftx", "naive"), ">= 3")
+    packing = harness.summarize(harness.per_round(runs, "tokens_per_s", "ftx-packed", "ftx"), None)
+    harness.table(
+        f"LoRA training throughput, {args.steps} steps x batch {args.batch}, max_seq_len {args.max_seq_len}",
+        ["batching", "response tokens/s (median)", "s/step (median)"],
+        [
+            [
+                "ftx CPU default: pad to longest in batch, response-only loss",
+                f"{med['ftx']['tokens_per_s']:.1f}",
+                f"{med['ftx']['s_per_step']:.2f}",
+            ],
+            [
+                "ftx packing: true (no padding, block-diagonal mask)",
+                f"{med['ftx-packed']['tokens_per_s']:.1f}",
+                f"{med['ftx-packed']['s_per_step']:.2f}",
+            ],
+            [
+                'naive: padding="max_length", labels=input_ids',
+                f"{med['naive']['tokens_per_s']:.1f}",
+                f"{med['naive']['s_per_step']:.2f}",
+            ],
+            ["packed / padded-to-longest (SDPA, CPU)", f"{packing['ratio']:.2f}x", ""],
+        ],
     )
-    for col in ("batching", "response tokens/s (median)", "s/step (median)"):
-        table.add_column(col)
-    table.add_row(
-        "ftx CPU default: pad to longest in batch, response-only loss",
-        f"{med['ftx']['tokens_per_s']:.1f}",
-        f"{med['ftx']['s_per_step']:.2f}",
+    harness.write(
+        "train_throughput",
+        headline,
+        {**vars(args), "model": "smollm2-135m-instruct", "rows": len(rows), "device": "cpu", "dtype": "fp32"},
+        packing_vs_padded=packing,
+        median=med,
+        runs=runs,
     )
-    table.add_row(
-        "ftx packing: true (no padding, block-diagonal mask)",
-        f"{med['ftx-packed']['tokens_per_s']:.1f}",
-        f"{med['ftx-packed']['s_per_step']:.2f}",
-    )
-    table.add_row(
-        'naive: padding="max_length", labels=input_ids',
-        f"{med['naive']['tokens_per_s']:.1f}",
-        f"{med['naive']['s_per_step']:.2f}",
-    )
-    table.add_row("ratio ftx default / naive (headline)", f"{out['ratio']:.2f}x", "")
-    table.add_row("ratio packed / padded-to-longest (SDPA, CPU)", f"{out['packing_vs_padded_ratio']:.2f}x", "")
-    Console().print(table)
-    dst = ROOT / "bench" / "results" / "train_throughput.json"
-    write_json(dst, out)
-    print(f"wrote {dst}")
 
 
 if __name__ == "__main__":

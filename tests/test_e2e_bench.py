@@ -7,11 +7,12 @@ import re
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from .conftest import FTX
+from .conftest import BENCH_REQUESTS, FTX
 
 pytestmark = pytest.mark.e2e
 
@@ -267,3 +268,63 @@ def _decoded(ep) -> float:
     )
     text = urllib.request.urlopen(req, timeout=5).read().decode()
     return float(re.search(r"^llamacpp:n_decode_total\S*\s+(\S+)", text, re.M).group(1))
+
+
+def test_bench_sweep_goodput_and_cost_from_real_requests(quickstart_run):
+    """The recipe's bench: a concurrency sweep whose every figure is recomputed here from records.jsonl."""
+    import yaml
+
+    bench_dir = quickstart_run["dir"] / "stages" / "bench"
+    records = [json.loads(line) for line in (bench_dir / "records.jsonl").read_text().splitlines()]
+    summary = json.loads((bench_dir / "summary.json").read_text())
+    cfg = quickstart_run["manifest"]["config"]["bench"]
+    levels = cfg["sweep"]
+    assert [lv["level"] for lv in summary["targets"][0]["levels"]] == levels == [1, 2, 4, 8]
+    assert len(records) == BENCH_REQUESTS * len(levels)
+    slo = cfg["slo"]
+    for lv in summary["targets"][0]["levels"]:
+        recs = [r for r in records if r["level"] == lv["level"]]
+        s = lv["summary"]
+        assert sorted(r["i"] for r in recs) == list(range(BENCH_REQUESTS))
+        assert all(
+            r["ok"]
+            and r["token_source"] == "usage"
+            and r["output_tokens"] > 0
+            and r["input_tokens"] > 0
+            and 0 < r["ttft_s"] <= r["e2e_s"]
+            for r in recs
+        )
+        # the server never has more than `level` requests of this client: starts and ends interleave that way
+        events = sorted([(r["start_s"], 1) for r in recs] + [(r["start_s"] + r["e2e_s"], -1) for r in recs])
+        assert max(np.cumsum([e for _, e in events])) <= lv["level"]
+        for key in ("ttft_s", "e2e_s"):
+            vals = [r[key] for r in recs]
+            for p in (50, 90, 95, 99):
+                assert s[key][f"p{p}"] == pytest.approx(np.percentile(vals, p))
+        gaps = [g for r in recs for g in r["itl_s"]]
+        assert s["itl_s"]["n"] == len(gaps) and s["itl_s"]["p99"] == pytest.approx(np.percentile(gaps, 99))
+        good = [
+            r
+            for r in recs
+            if r["ttft_s"] <= slo["ttft_ms"] / 1000 and (r["tpot_s"] is None or r["tpot_s"] <= slo["tpot_ms"] / 1000)
+        ]
+        assert s["goodput"]["requests"] == len(good)
+        assert s["goodput"]["output_tokens_per_s"] == pytest.approx(sum(r["output_tokens"] for r in good) / s["wall_s"])
+        meets = (
+            np.percentile([r["ttft_s"] for r in recs], 99) <= slo["ttft_ms"] / 1000
+            and np.percentile([r["tpot_s"] for r in recs if r["tpot_s"]], 99) <= slo["tpot_ms"] / 1000
+        )
+        assert s["meets_slo"] == meets
+    passing = [lv["level"] for lv in summary["targets"][0]["levels"] if lv["summary"]["meets_slo"]]
+    assert (summary["best"] or {}).get("level") == (max(passing) if passing else None)
+    if summary["best"]:  # $ per 1M tokens from the goodput and the hardware profile (an always-on cloud VM)
+        hw = yaml.safe_load(Path(cfg["hardware"]).read_text())
+        g = summary["best"]["summary"]["goodput"]
+        tokens = (g["input_tokens_per_s"] + g["output_tokens_per_s"]) * 3600 * 730 * hw["utilization"]
+        assert summary["cost"]["usd_per_1m_tokens"] == pytest.approx(hw["usd_per_hour"] * 730 / tokens * 1e6)
+        assert {a["api"] for a in summary["apis"]} >= {"gpt-4o-mini", "claude-haiku-4.5", "gemini-2.5-flash"}
+    md = (quickstart_run["dir"] / "run_card.md").read_text()
+    assert "| concurrency | req/s |" in md and "SLO: P99 of TTFT ≤ 1000 ms, TPOT ≤ 100 ms" in md
+    assert ("per 1M tokens" in md and "gpt-4o-mini" in md) if summary["best"] else "No load level met the SLO" in md
+    for png in ("latency_cdf.png", "sweep.png"):
+        assert (quickstart_run["dir"] / png).read_bytes()[:4] == b"\x89PNG"

@@ -129,6 +129,9 @@ def test_imatrix_quantization_uses_the_training_conversations(quickstart_run):
     run_dir, manifest = ftx_run(
         quickstart_run["out"],
         "export.gguf.imatrix=true",
+        "export.gguf.imatrix_chunks=16",
+        "export.eval_tokens=1024",
+        "export.modelfile=null",
         "export.gguf.quants=[q4_k_m]",
         "export.quality_gate=null",
         "export.lora_adapter=false",
@@ -151,7 +154,14 @@ def test_imatrix_quantization_uses_the_training_conversations(quickstart_run):
 def test_quality_gate_that_nothing_passes_fails_the_export_cleanly(quickstart_run):
     before = set((quickstart_run["out"] / ".cache" / "export").iterdir())
     proc = subprocess.run(
-        ftx_cmd(quickstart_run["out"], "export.quality_gate.max_mean_kld=1e-7", "--until", "export"),
+        ftx_cmd(
+            quickstart_run["out"],
+            "export.quality_gate.max_mean_kld=1e-7",
+            "export.gguf.quants=[q4_k_m]",
+            "export.eval_tokens=1024",
+            "--until",
+            "export",
+        ),
         capture_output=True,
         text=True,
         timeout=1200,

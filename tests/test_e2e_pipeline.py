@@ -106,8 +106,8 @@ def test_second_run_hits_the_cache(quickstart_run):
 def test_changed_train_settings_rerun_train_only_and_early_stopping_keeps_the_best(quickstart_run):
     run_dir, manifest = ftx_run(
         quickstart_run["out"],
-        "train.max_steps=6",
-        "train.eval_every=2",
+        "train.max_steps=4",
+        "train.eval_every=1",
         "train.early_stopping_patience=1",
         "train.learning_rate=5e-2",
         "--until",
@@ -123,7 +123,7 @@ def test_changed_train_settings_rerun_train_only_and_early_stopping_keeps_the_be
         if "val_loss" in r
     }
     best = min((s for s in vals if s > 0), key=vals.get)
-    assert res["stopped_early"] and res["steps"] < 6, res
+    assert res["stopped_early"] and res["steps"] < 4, res
     assert res["best_step"] == best and res["val_loss"] == pytest.approx(vals[best])
 
 
@@ -134,8 +134,8 @@ def test_training_killed_with_sigkill_resumes_to_the_same_loss(quickstart_run):
 
     out = quickstart_run["out"]
     extra = (
-        "train.max_steps=4",
-        "train.eval_every=2",
+        "train.max_steps=3",
+        "train.eval_every=3",
         "train.save_every=1",
         "train.learning_rate=2e-3",
         "--until",
@@ -151,8 +151,8 @@ def test_training_killed_with_sigkill_resumes_to_the_same_loss(quickstart_run):
     )
     key = ref["stages"]["train"]["key"]
     deadline = time.time() + 600
-    while not list(out.glob(f".cache/train/{key}.checkpoints/checkpoint-2/trainer_state.json")):
-        assert proc.poll() is None and time.time() < deadline, "training ended before checkpoint-2"
+    while not list(out.glob(f".cache/train/{key}.checkpoints/checkpoint-1/trainer_state.json")):
+        assert proc.poll() is None and time.time() < deadline, "training ended before checkpoint-1"
         time.sleep(0.1)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
@@ -160,8 +160,8 @@ def test_training_killed_with_sigkill_resumes_to_the_same_loss(quickstart_run):
     run_dir, manifest = ftx_run(out, *extra, "--force", "train")
     res = json.loads((run_dir / "run_card.json").read_text())["train"]
     ref_res = json.loads((ref_dir / "run_card.json").read_text())["train"]
-    assert res["resumed_from_step"] in (2, 3) and ref_res["resumed_from_step"] is None
-    assert res["steps"] == ref_res["steps"] == 4
+    assert res["resumed_from_step"] in (1, 2) and ref_res["resumed_from_step"] is None
+    assert res["steps"] == ref_res["steps"] == 3
     assert res["val_loss"] == pytest.approx(ref_res["val_loss"], rel=0.01)
     assert res["final_loss"] == pytest.approx(ref_res["final_loss"], rel=0.01)
     assert manifest["stages"]["train"]["key"] == key

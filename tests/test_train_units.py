@@ -86,3 +86,18 @@ def test_cpu_refuses_gpu_only_choices_up_front():
     assert train.pick_backend(train.TrainConfig(), "cpu") == "hf"
     assert train.pick_optimizer(train.TrainConfig(method="qlora"), "cpu") == "adamw_torch"
     assert train.pick_optimizer(train.TrainConfig(method="qlora"), "cuda") == "paged_adamw_8bit"
+
+
+def test_progress_prints_plain_lines_when_the_output_is_not_a_terminal():
+    import io
+
+    from ftx.core.progress import Progress
+
+    out = io.StringIO()  # not a terminal: plain lines at the cadence (0 s here), the final state once
+    p = Progress("train", 10, every_s=0, stream=out)
+    p.update(3, "loss=2.1")
+    p.update(10, "loss=0.5")
+    p.close()
+    lines = out.getvalue().splitlines()
+    assert lines[0].startswith("train 3/10 loss=2.1") and "ETA" in lines[0]
+    assert lines[-1].startswith("train 10/10 loss=0.5") and len(lines) == 2

@@ -52,7 +52,9 @@ def checks() -> list[Check]:
     from .core import llamacpp
 
     out = [_import(n, True) for n in REQUIRED]
-    out += [_import(n, False) for n in OPTIONAL if n != "unsloth"]  # unsloth refuses to import without a GPU
+    for n in OPTIONAL:  # looked up, not imported (unsloth refuses to import without a GPU; vllm is slow to import)
+        spec = importlib.util.find_spec(n)
+        out.append(Check(n, spec is not None, spec.origin if spec else "not installed", required=False))
     try:
         for t in ("llama-server", "llama-quantize", "llama-perplexity", "llama-imatrix"):
             out.append(Check(t, True, str(llamacpp.tool(t))))

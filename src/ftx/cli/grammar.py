@@ -39,6 +39,11 @@ def console():
 
 
 def quiet_env() -> None:
+    import logging
+
+    # bitsandbytes (imported by peft whenever it is installed) warns on CPUs with AVX512-BF16 that an optional
+    # kernel package is missing, on every run, plain LoRA included: the fallback it uses is fine (docs/training.md)
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     for k, v in {
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_VERBOSITY": "error",

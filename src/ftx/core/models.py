@@ -168,7 +168,7 @@ def response_loss(model, tok, examples: list[dict], max_seq_len: int, batch_size
     return total / max(count, 1)
 
 
-def generate(model, tok, prompts: list[list[dict]], max_new_tokens: int, batch_size: int = 12) -> list[str]:
+def generate(model, tok, prompts: list[list[dict]], max_new_tokens: int, batch_size: int = 32) -> list[str]:
     """Greedy generations for chat prompts (left-padded batches), decoded without special tokens."""
     import torch
 

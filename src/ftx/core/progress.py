@@ -49,6 +49,7 @@ class Progress:
 
     def _line(self) -> None:
         self.last = time.perf_counter()
+        self.printed = (self.step, self.info)
         elapsed = self.last - self.t0
         eta = elapsed / self.step * (self.total - self.step) if self.step else float("nan")
         eta_text = f"ETA {eta:.0f}s" if math.isfinite(eta) else "ETA ?"
@@ -61,7 +62,7 @@ class Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.stop()
-        else:
+        elif getattr(self, "printed", None) != (self.step, self.info):  # the final state, once
             self._line()
 
 

@@ -348,16 +348,21 @@ def write(
     proof = prove_with_server(tok, gguf, log or dst.parent / f"{dst.name}.llama-server.log")
     write_json(dst.parent / f"{dst.name}.proof.json", proof.model_dump())
     if proof.proven:
+        import os
+
+        def rel(p: Path) -> str:  # FROM / ADAPTER paths are relative to the Modelfile
+            return os.path.relpath(Path(p).absolute(), Path(dst).absolute().parent)
+
         text = render_modelfile(
             proof,
             tok,
             tok.chat_template,
-            gguf.name,
+            rel(gguf),
             name,
             num_ctx,
             stop_tokens(tok, model_dir, proof.family),
             dst.name,
-            adapter.name if adapter else None,
+            rel(adapter) if adapter else None,
         )
         atomic_write_text(dst, text)
     return proof

@@ -30,6 +30,12 @@ class _ExportBase(BaseModel):
         0.99, ge=0, le=1, description="reference artifact vs the HF model, on validation tokens"
     )
     check_tokens: int = Field(512, ge=16, description="validation tokens for the top-1 checks against HF")
+    eval_tokens: int = Field(
+        4096,
+        ge=256,
+        description="held-out + validation tokens the quality gate scores each "
+        "artifact on (the first conversations up to this many)",
+    )
 
     def artifact_names(self) -> list[str]:
         fmt = FORMATS[self.format]
@@ -86,18 +92,49 @@ class ExportResult(BaseModel):
     packaging: dict[str, dict] = Field(default_factory=dict, description="result of each packaging step that ran")
 
 
-def eval_sequences(tok, files: list[Path | None]) -> list[list[int]]:
+def eval_sequences(tok, files: list[Path | None], max_tokens: int | None = None) -> list[list[int]]:
     """Token ids of the held-out and validation conversations, rendered with the model's own chat template
-    (special tokens as the model sees them) - what the quality gate scores."""
+    (special tokens as the model sees them) - what the quality gate scores; the first ones up to `max_tokens`."""
     from ..core.chat import read_examples, render_example
 
-    return [
-        render_example(tok, ex, 4096)["input_ids"]
-        for f in files
-        if f
-        for ex in read_examples(f)
-        if "messages" in ex or "text" in ex
-    ]
+    seqs, total = [], 0
+    for f in files:
+        for ex in read_examples(f) if f else []:
+            if "messages" in ex or "text" in ex:
+                ids = render_example(tok, ex, 4096)["input_ids"]
+                if max_tokens and total + len(ids) > max_tokens and seqs:
+                    return seqs
+                seqs.append(ids)
+                total += len(ids)
+    return seqs
+
+
+class _Top1:
+    """Top-1 agreement with the HF model, taken in passing from the log-probabilities the gate already computes
+    (the validation conversations are among the gate's sequences), so each artifact is evaluated once."""
+
+    def __init__(self, eval_seqs: list[list[int]], check_seqs: list[list[int]], ref_logits):
+        index = {tuple(s): i for i, s in enumerate(eval_seqs)}
+        self.at = [index.get(tuple(s)) for s in check_seqs]
+        self.ref = ref_logits.argmax(-1)
+        self.lengths = [len(s) for s in check_seqs]
+
+    def usable(self) -> bool:
+        return all(i is not None for i in self.at)
+
+    def tee(self, logprobs):
+        """Pass (log-probs, ids) through, keeping the argmax of the check sequences."""
+        self.tops = {}
+        wanted = set(self.at)
+        for i, (lp, ids) in enumerate(logprobs):
+            if i in wanted:
+                self.tops[i] = lp.argmax(-1)
+            yield lp, ids
+
+    def agreement(self) -> float:
+        import numpy as np
+
+        return float((np.concatenate([self.tops[i] for i in self.at]) == self.ref).mean())
 
 
 def export(
@@ -116,7 +153,7 @@ def export(
 ) -> ExportResult:
     from rich.progress import Progress
 
-    from ..core.models import check_sequences, compare_logits, load_base, token_logits
+    from ..core.models import check_sequences, load_base, token_logits
     from ..formats import gate
 
     fmt = FORMATS[cfg.format]
@@ -126,38 +163,41 @@ def export(
     seqs = check_sequences(tok, val_file, cfg.check_tokens)
     ref_logits = token_logits(model, seqs).numpy()
     del model
-    eval_seqs = eval_sequences(tok, [heldout_file, val_file])
+    eval_seqs = eval_sequences(tok, [heldout_file, val_file], cfg.eval_tokens)
+    top1 = _Top1(eval_seqs, seqs, ref_logits)
+    if not top1.usable():  # the check conversations were cut off by eval_tokens: score them on their own
+        eval_seqs = [*eval_seqs, *[s for s, i in zip(seqs, top1.at) if i is None]]
+        top1 = _Top1(eval_seqs, seqs, ref_logits)
     calibration = [tok.decode(x) for x in eval_sequences(tok, [calib_file])] if calib_file else None
     scratch = out / ".reference"
     scratch.mkdir()
     with Progress() as progress:
-        task = progress.add_task("export", total=2 + 2 * len(fmt.artifact_names(settings)))
+        task = progress.add_task("export", total=2 + len(fmt.artifact_names(settings)))
         progress.update(task, description="convert")
         ref_name, ref_path = fmt.reference(settings, model_dir, out, name, lineage, base_model)
         progress.advance(task)
         progress.update(task, description=f"reference log-probs ({sum(len(x) - 1 for x in eval_seqs)} tokens)")
-        ref_ppl = gate.save_reference(fmt.logprobs(ref_path, eval_seqs), eval_seqs, scratch / "ref.npy")
-        top1 = compare_logits(fmt.logits(ref_path, seqs), ref_logits)["top1_agreement"]
+        ref_ppl = gate.save_reference(top1.tee(fmt.logprobs(ref_path, eval_seqs)), eval_seqs, scratch / "ref.npy")
         files = [
             ExportFile(
-                name=ref_name, file=ref_path.name, size_bytes=ref_path.stat().st_size, top1_agreement=top1, ppl=ref_ppl
+                name=ref_name,
+                file=ref_path.name,
+                size_bytes=ref_path.stat().st_size,
+                top1_agreement=top1.agreement(),
+                ppl=ref_ppl,
             )
         ]
         progress.advance(task)
-        if top1 < cfg.min_top1_agreement:
+        if files[0].top1_agreement < cfg.min_top1_agreement:
             raise FtxError(
-                f"{ref_path.name} agrees with the HF model on only {top1:.1%} of validation tokens "
-                f"(< export.min_top1_agreement {cfg.min_top1_agreement:.0%})"
+                f"{ref_path.name} agrees with the HF model on only {files[0].top1_agreement:.1%} of validation "
+                f"tokens (< export.min_top1_agreement {cfg.min_top1_agreement:.0%})"
             )
         for vname, path in fmt.variants(settings, ref_path, out, calibration):
-            progress.update(task, description=f"top-1 vs HF, KL divergence: {vname}")
-            progress.advance(task)
+            progress.update(task, description=f"KL divergence and top-1 vs HF: {vname}")
+            metrics = gate.compare(top1.tee(fmt.logprobs(path, eval_seqs)), scratch / "ref.npy", ref_ppl)
             f = ExportFile(
-                name=vname,
-                file=path.name,
-                size_bytes=path.stat().st_size,
-                top1_agreement=compare_logits(fmt.logits(path, seqs), ref_logits)["top1_agreement"],
-                **gate.compare(fmt.logprobs(path, eval_seqs), scratch / "ref.npy", ref_ppl),
+                name=vname, file=path.name, size_bytes=path.stat().st_size, top1_agreement=top1.agreement(), **metrics
             )
             f.passed = cfg.quality_gate.within(f.model_dump()) if cfg.quality_gate else None
             files.append(f)

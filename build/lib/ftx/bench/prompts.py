@@ -1,0 +1,216 @@
+"""Prompts for a bench: the recipe's held-out set, a JSONL file, or synthetic prompts of a controlled length;
+and the tokenizer used for synthetic prompts and as the token-count fallback when a server sends no usage."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..core.config import InputFile
+from ..core.errors import FtxError
+
+WORDS = [
+    "time",
+    "year",
+    "people",
+    "way",
+    "day",
+    "man",
+    "thing",
+    "woman",
+    "life",
+    "child",
+    "world",
+    "school",
+    "state",
+    "family",
+    "student",
+    "group",
+    "country",
+    "problem",
+    "hand",
+    "part",
+    "place",
+    "case",
+    "week",
+    "company",
+    "system",
+    "program",
+    "question",
+    "work",
+    "government",
+    "number",
+    "night",
+    "point",
+    "home",
+    "water",
+    "room",
+    "mother",
+    "area",
+    "money",
+    "story",
+    "fact",
+    "month",
+    "lot",
+    "right",
+    "study",
+    "book",
+    "eye",
+    "job",
+    "word",
+    "business",
+    "issue",
+    "side",
+    "kind",
+    "head",
+    "house",
+    "service",
+    "friend",
+    "father",
+    "power",
+    "hour",
+    "game",
+    "line",
+    "end",
+    "member",
+    "law",
+    "car",
+    "city",
+    "community",
+    "name",
+    "president",
+    "team",
+    "minute",
+    "idea",
+    "kid",
+    "body",
+    "information",
+    "back",
+    "parent",
+    "face",
+    "others",
+    "level",
+    "office",
+    "door",
+    "health",
+    "person",
+    "art",
+    "war",
+    "history",
+    "party",
+    "result",
+    "change",
+    "morning",
+    "reason",
+    "research",
+    "girl",
+    "guy",
+    "moment",
+    "air",
+    "teacher",
+    "force",
+    "education",
+]
+
+
+class PromptsConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    source: Literal["heldout", "file", "synthetic"] = Field(
+        "heldout", description="heldout: the recipe's held-out prompts; file: `path`; synthetic: generated"
+    )
+    path: InputFile | None = Field(None, description="file: dataset rows (chat messages, prompt/completion, or text)")
+    input_tokens: int = Field(
+        128,
+        ge=1,
+        description="synthetic: prompt length (exact with a tokenizer); the output "
+        "length is bench.max_tokens with ignore_eos",
+    )
+    count: int = Field(64, ge=1, description="synthetic: how many distinct prompts")
+    tokenizer: str | None = Field(
+        None,
+        description="HF dir or packaged model name: synthetic lengths and the "
+        "token-count fallback (default: the recipe's base model)",
+    )
+    seed: int = 0
+
+
+def load_tokenizer(ref: str | None):
+    if not ref:
+        return None
+    from transformers import AutoTokenizer
+
+    from ..core import basemodel
+
+    return AutoTokenizer.from_pretrained(basemodel.resolve(ref))
+
+
+def from_file(path: Path) -> list[list[dict] | str]:
+    """Prompts from a dataset file (.jsonl/.json/.csv/.parquet): `messages` rows give their messages up to the
+    last assistant turn; `prompt` rows (a string or messages; a completion is optional, as in `vllm bench serve`'s
+    custom dataset) and `text` rows give their prompt. A bad row is one error naming file:line and the field."""
+    from ..core.rows import RowError, read_records
+
+    out = []
+    for where, row in read_records(path):
+        if isinstance(row, RowError):
+            raise FtxError(str(row), where=where)
+        if isinstance(row, dict) and isinstance(row.get("messages"), list) and row["messages"]:
+            msgs = row["messages"]
+            out.append(msgs[:-1] if msgs[-1].get("role") == "assistant" and len(msgs) > 1 else msgs)
+        elif isinstance(row, dict) and isinstance(row.get("prompt"), (str, list)) and row["prompt"]:
+            out.append(row["prompt"])
+        elif isinstance(row, dict) and isinstance(row.get("text"), str) and row["text"]:
+            out.append(row["text"])
+        else:
+            raise FtxError("prompt: a row needs `messages`, `prompt` or `text`", where=where)
+    if not out:
+        raise FtxError("no prompts in the file", where=str(path))
+    return out
+
+
+def synthetic(n_tokens: int, count: int, seed: int, tokenizer=None) -> list[str]:
+    """`count` random-word prompts of exactly `n_tokens` tokens with a tokenizer (re-encoded and trimmed, as
+    vLLM's random dataset does), else of `n_tokens` words (about as many tokens for English words)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(count):
+        words = [WORDS[i] for i in rng.integers(0, len(WORDS), size=n_tokens * 2)]
+        if tokenizer is None:
+            out.append(" ".join(words[:n_tokens]))
+            continue
+        ids = tokenizer.encode(" ".join(words), add_special_tokens=False)[:n_tokens]
+        text = tokenizer.decode(ids)
+        while (
+            len(tokenizer.encode(text, add_special_tokens=False)) > n_tokens
+        ):  # decode/encode is not always a round trip
+            ids = ids[:-1]
+            text = tokenizer.decode(ids)
+        out.append(text)
+    return out
+
+
+def as_messages(p: list[dict] | str) -> list[dict]:
+    return p if isinstance(p, list) else [{"role": "user", "content": p}]
+
+
+def as_text(p: list[dict] | str) -> str:
+    return (
+        p if isinstance(p, str) else next((m["content"] for m in reversed(p) if m["role"] == "user"), p[-1]["content"])
+    )
+
+
+def count_tokens(tokenizer, text: str) -> int:
+    return len(tokenizer.encode(text, add_special_tokens=False))
+
+
+def count_prompt_tokens(tokenizer, prompt: list[dict] | str, api: str) -> int:
+    if api == "chat" and getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template(
+            as_messages(prompt), add_generation_prompt=True, tokenize=True, return_dict=False
+        )
+        return len(ids)
+    return count_tokens(tokenizer, as_text(prompt) if api == "completions" else str(prompt))

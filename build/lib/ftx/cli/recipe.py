@@ -1,0 +1,88 @@
+"""`ftx recipe run|validate|schema`, and `ftx train|dpo|eval` (a recipe run up to that stage)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from .grammar import config_and_overrides, console
+
+STAGE_HELP = "a stage: data, train, dpo, eval, merge, export, serve, bench (ftx.pipeline)"
+
+
+def _stage_name(ctx, param, value):
+    from ..pipeline import NAMES
+
+    for v in value if isinstance(value, tuple) else [value]:
+        if v is not None and v not in (*NAMES, "all"):
+            raise click.BadParameter(f"{v!r}; stages: {', '.join(NAMES)}")
+    return value
+
+
+@click.group()
+def recipe():
+    """Run or check a whole pipeline from one YAML file."""
+
+
+@recipe.command("run")
+@click.argument("args", nargs=-1)
+@click.option(
+    "--force",
+    multiple=True,
+    callback=_stage_name,
+    metavar="STAGE",
+    help=f"re-run this stage and everything after it even if cached ({STAGE_HELP}, or all)",
+)
+@click.option("--until", default=None, callback=_stage_name, metavar="STAGE", help="stop after this stage")
+@click.option("--serve", is_flag=True, help="then keep the serve stage's endpoint up until Ctrl-C")
+def recipe_run(args, force, until, serve):
+    """Run RECIPE.yaml [key.path=value ...], e.g. `ftx recipe run recipes/quickstart.yaml train.max_steps=20`."""
+    from ..runner import run_recipe
+
+    path, overrides = _recipe(args)
+    run_dir = run_recipe(path, tuple(overrides), force=force, until=until, console=console(), serve=serve)
+    click.echo(str(run_dir / "run_card.md"))
+
+
+def _recipe(args) -> tuple[Path, list[str]]:
+    path, overrides = config_and_overrides(args)
+    if path is None:
+        raise click.UsageError("give the recipe: ftx recipe run RECIPE.yaml [key.path=value ...]")
+    return path, overrides
+
+
+@recipe.command("validate")
+@click.argument("args", nargs=-1)
+def recipe_validate(args):
+    """Validate RECIPE.yaml [key.path=value ...] and print the resolved config (paths resolved, defaults filled)."""
+    from .. import pipeline
+
+    path, overrides = _recipe(args)
+    click.echo(pipeline.load(path, overrides).model_dump_json(indent=2))
+
+
+@recipe.command("schema")
+def recipe_schema():
+    """Print the recipe reference (markdown), generated from the models' field descriptions."""
+    from ..pipeline import Recipe
+    from ..schema_doc import reference
+
+    click.echo(reference(Recipe, "Recipe reference"), nl=False)
+
+
+def _until(stage: str):
+    @click.argument("args", nargs=-1)
+    @click.option("--force", is_flag=True, help=f"re-run {stage} even if cached")
+    def cmd(args, force):
+        from ..runner import run_recipe
+
+        path, overrides = _recipe(args)
+        run_dir = run_recipe(path, tuple(overrides), force=(stage,) if force else (), until=stage, console=console())
+        click.echo(str(run_dir / "run_card.md"))
+
+    cmd.__doc__ = f"Run RECIPE.yaml [key=value ...] up to and including the {stage} stage (cached stages reused)."
+    return click.command(stage)(cmd)
+
+
+COMMANDS = [recipe, _until("train"), _until("dpo"), _until("eval")]

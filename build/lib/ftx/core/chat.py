@@ -1,0 +1,89 @@
+"""Chat examples on disk and as tokens: the split files (JSONL) and rendering with the tokenizer's own chat
+template into input ids and labels that train on the assistant turns only. Shared by every stage that reads
+the data stage's splits (train, DPO, eval, merge and export checks, serve checks)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .errors import FtxError
+
+
+def write_jsonl(path: Path, examples: list[dict]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for ex in examples:
+            f.write(json.dumps(ex, ensure_ascii=False) + "\n")
+
+
+def read_examples(path: Path) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def read_split(path: Path) -> list[list[dict]]:
+    """Chat conversations of a split file written by the data stage (rows without messages are skipped)."""
+    return [ex["messages"] for ex in read_examples(path) if "messages" in ex]
+
+
+def _ids(x) -> list[int]:
+    if isinstance(x, dict) or hasattr(x, "keys"):
+        x = x["input_ids"]
+    return list(x)
+
+
+def prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
+    return _ids(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
+
+
+def render(tokenizer, messages: list[dict], max_seq_len: int) -> dict:
+    """Token ids of a conversation and labels that train on every assistant turn and nothing else.
+
+    For each assistant turn i, the conversation before it is rendered with `add_generation_prompt=True`
+    and the conversation up to and including it without; the tokens between the two are that turn's reply
+    (with its end-of-turn token). The chat template must render each shorter conversation as a prefix of the
+    longer one, otherwise the mask would be wrong; that is checked.
+    """
+    full = _ids(tokenizer.apply_chat_template(messages, tokenize=True))
+    labels = [-100] * len(full)
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        before = prompt_ids(tokenizer, messages[:i])
+        upto = _ids(tokenizer.apply_chat_template(messages[: i + 1], tokenize=True))
+        if full[: len(before)] != before or full[: len(upto)] != upto:
+            raise FtxError("chat template does not render each turn as a prefix of the conversation")
+        labels[len(before) : len(upto)] = full[len(before) : len(upto)]
+    return {"input_ids": full[:max_seq_len], "labels": labels[:max_seq_len]}
+
+
+def render_example(tokenizer, ex: dict, max_seq_len: int) -> dict:
+    """A normalized example -> input_ids/labels. Chat: assistant turns only; text: every token."""
+    if "messages" in ex:
+        return render(tokenizer, ex["messages"], max_seq_len)
+    if "text" in ex:
+        ids = _ids(tokenizer(ex["text"], add_special_tokens=False))
+        if tokenizer.eos_token_id is not None:
+            ids.append(tokenizer.eos_token_id)
+        ids = ids[:max_seq_len]
+        return {"input_ids": ids, "labels": list(ids)}
+    raise FtxError(
+        "preference rows (prompt/chosen/rejected) are for the dpo stage (recipe `dpo:` section), not "
+        "for supervised training: give the train stage chat, alpaca, completion or text rows"
+    )
+
+
+def collate(batch: list[dict], pad_id: int) -> dict:
+    """Pad rendered rows to the longest row of this batch (right padding); labels padded with -100."""
+    import torch
+
+    n = max(len(b["input_ids"]) for b in batch)
+    ids = torch.full((len(batch), n), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), n), -100, dtype=torch.long)
+    mask = torch.zeros((len(batch), n), dtype=torch.long)
+    for i, b in enumerate(batch):
+        k = len(b["input_ids"])
+        ids[i, :k] = torch.tensor(b["input_ids"])
+        labels[i, :k] = torch.tensor(b["labels"])
+        mask[i, :k] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}

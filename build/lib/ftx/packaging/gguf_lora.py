@@ -1,0 +1,68 @@
+"""The adapter as a GGUF LoRA (llama.cpp's convert_lora_to_gguf.py) over the base model as an f16 GGUF, for
+llama.cpp (`--lora`, one base + many adapters) and Ollama (ADAPTER); llama.cpp's base+adapter logits must match
+the HF model's (the merged model, itself proven equal to base+adapter in peft by the merge stage)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+
+from ..core.errors import FtxError
+from .base import Job, Step
+
+
+class LoraGguf(BaseModel):
+    base_file: str
+    adapter_file: str
+    adapter_size_bytes: int
+    top1_agreement: float = Field(description="llama.cpp base+adapter vs the HF model, validation tokens")
+    max_abs_logit_diff: float
+    modelfile: str | None = None
+    modelfile_note: str | None = None
+
+
+class GgufLoraStep(Step):
+    name = "lora_adapter"
+    settings = bool
+    default = False
+    description = (
+        "also export the adapter as a GGUF LoRA (+ the base model as an f16 GGUF), verified in llama.cpp, "
+        "with Modelfile.adapter"
+    )
+    formats = ("gguf",)
+
+    def run(self, value: bool, job: Job) -> LoraGguf:
+        from ..core import gguf
+        from ..core.models import compare_logits
+        from .modelfile import write
+
+        if job.base_dir is None or job.adapter_dir is None:
+            raise FtxError("export.lora_adapter needs the base model and the adapter (run it from a recipe)")
+        base_gguf, adapter_gguf = job.out / "base-f16.gguf", job.out / "adapter-f16.gguf"
+        gguf.convert_hf(job.base_dir, base_gguf, "f16", f"{job.name}-base")
+        gguf.convert_lora(job.adapter_dir, job.base_dir, adapter_gguf)
+        cmp = compare_logits(gguf.logits(base_gguf, job.seqs, lora=adapter_gguf), job.ref_logits)
+        if cmp["top1_agreement"] < job.cfg.min_top1_agreement:
+            raise FtxError(
+                f"llama.cpp base + {adapter_gguf.name} agrees with the HF model on only "
+                f"{cmp['top1_agreement']:.1%} of validation tokens (< export.min_top1_agreement)"
+            )
+        proof = write(
+            job.tok, job.base_dir, base_gguf, job.name, job.num_ctx, job.out / "Modelfile.adapter", adapter=adapter_gguf
+        )
+        return LoraGguf(
+            base_file=base_gguf.name,
+            adapter_file=adapter_gguf.name,
+            adapter_size_bytes=adapter_gguf.stat().st_size,
+            top1_agreement=cmp["top1_agreement"],
+            max_abs_logit_diff=cmp["max_abs_diff"],
+            modelfile="Modelfile.adapter" if proof.proven else None,
+            modelfile_note=proof.reason,
+        )
+
+    def card(self, r: dict, recipe: str) -> str:
+        ollama = f" (Ollama: `ollama create {recipe}-lora -f {r['modelfile']}`)" if r["modelfile"] else ""
+        return (
+            f"GGUF LoRA: `{r['adapter_file']}` ({r['adapter_size_bytes'] / 1e6:.1f} MB) over `{r['base_file']}`; "
+            f"llama.cpp base+adapter vs the HF model: top-1 agreement {100 * r['top1_agreement']:.1f}%, max |logit "
+            f"diff| {r['max_abs_logit_diff']:.2e}{ollama}."
+        )

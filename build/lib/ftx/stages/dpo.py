@@ -1,0 +1,278 @@
+"""DPO stage: preference tuning after SFT, with trl's DPOTrainer.
+
+The SFT adapter keeps training (it is loaded trainable); trl copies it into a frozen "ref" adapter, so the
+reference policy is the SFT model and nothing but one extra adapter is held in memory. The result is the
+same standard peft adapter format as the train stage, so eval/merge/export do not care which stage made it.
+
+Besides trl's own reward metrics (which start at exactly 0: policy == reference), the stage measures what
+a user cares about on the held-out pairs, before and after: how often the model gives the chosen reply a
+higher log-probability than the rejected one, and the mean log-probability margin.
+Writes: adapter/, train.jsonl/val.jsonl (the preference split), metrics.jsonl, dpo.png.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..core.errors import FtxError
+from ..core.models import SCHEDULERS
+from ..core.splits import DataSource
+from ..stage import Artifact, Stage
+
+
+class DpoData(DataSource):
+    format: Literal["auto", "preference"] = Field("preference", description="preference rows (prompt/chosen/rejected)")
+    test_fraction: float = Field(0.0, ge=0, lt=1)
+
+
+class DpoConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    data: DpoData
+    beta: float = Field(0.1, gt=0, description="strength of the pull towards the reference (SFT) model")
+    loss_type: Literal["sigmoid", "ipo", "hinge", "robust"] = "sigmoid"
+    learning_rate: float = Field(5e-5, gt=0)
+    scheduler: Literal[SCHEDULERS] = "cosine"
+    warmup_steps: int = Field(0, ge=0)
+    max_steps: int = Field(50, ge=1)
+    batch_size: int = Field(4, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    eval_every: int = Field(10, ge=1)
+    seed: int = 0
+
+
+class DpoResult(BaseModel):
+    adapter_dir: str
+    steps: int
+    train_loss: float
+    val_loss: float
+    reward_accuracy: float = Field(description="trl eval rewards/accuracies at the end")
+    reward_margin: float = Field(description="trl eval rewards/margins at the end")
+    pairs_train: int
+    pairs_val: int
+    sft_preference_accuracy: float = Field(description="val pairs where logp(chosen) > logp(rejected), SFT model")
+    dpo_preference_accuracy: float
+    sft_logp_margin: float = Field(description="mean logp(chosen) - logp(rejected) on val pairs, SFT model")
+    dpo_logp_margin: float
+    device: str
+
+
+def to_trl(ex: dict) -> dict:
+    """ftx preference row -> trl's conversational preference format."""
+    return {
+        "prompt": ex["prompt"],
+        "chosen": [{"role": "assistant", "content": ex["chosen"]}],
+        "rejected": [{"role": "assistant", "content": ex["rejected"]}],
+    }
+
+
+def reply_logp(model, tok, prompt: list[dict], reply: str, max_seq_len: int) -> float:
+    """Sum of log-probabilities of the reply tokens after the prompt (chat template applied)."""
+    import torch
+
+    from ..core import chat
+
+    r = chat.render(tok, prompt + [{"role": "assistant", "content": reply}], max_seq_len)
+    ids = torch.tensor([r["input_ids"]], device=model.device)
+    labels = torch.tensor(r["labels"][1:], device=model.device)
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
+    keep = labels != -100
+    return float(logp[keep].gather(-1, labels[keep][:, None]).sum())
+
+
+def preference_margins(model, tok, pairs: list[dict], max_seq_len: int) -> tuple[float, float]:
+    """(share of pairs with logp(chosen) > logp(rejected), mean margin)."""
+    margins = [
+        reply_logp(model, tok, p["prompt"], p["chosen"], max_seq_len)
+        - reply_logp(model, tok, p["prompt"], p["rejected"], max_seq_len)
+        for p in pairs
+    ]
+    return sum(m > 0 for m in margins) / len(margins), sum(margins) / len(margins)
+
+
+def plot(metrics_path: Path, png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines()]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.5), dpi=100)
+    for key, label, ax in (
+        ("loss", "train loss", a1),
+        ("eval_loss", "val loss", a1),
+        ("rewards/margins", "train reward margin", a2),
+        ("eval_rewards/margins", "val reward margin", a2),
+    ):
+        pts = [(r["step"], r[key]) for r in rows if key in r]
+        if pts:
+            ax.plot(*zip(*pts), "o-" if key.startswith("eval") else "-", label=label, lw=1)
+    for ax, y in ((a1, "DPO loss"), (a2, "reward margin")):
+        ax.set_xlabel("step")
+        ax.set_ylabel(y)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(png)
+    plt.close(fig)
+
+
+def run(
+    cfg: DpoConfig,
+    base_dir: Path,
+    sft_adapter: Path,
+    splits: dict[str, list[dict]],
+    max_seq_len: int,
+    out: Path,
+    method: str = "lora",
+) -> DpoResult:
+    """Continue the SFT adapter with DPO on `splits` (from ftx.core.splits.prepare of cfg.data); save into `out`."""
+    import shutil
+
+    from datasets import Dataset
+    from peft import PeftModel, prepare_model_for_kbit_training
+    from transformers import PrinterCallback, set_seed
+    from trl import DPOConfig, DPOTrainer
+
+    from ..core.chat import write_jsonl
+    from ..core.models import load_base, pick_device
+    from ..core.progress import trainer_monitor
+
+    device = pick_device()
+    set_seed(cfg.seed)
+    model, tok = load_base(base_dir, method, device)
+    if method == "qlora":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    model = PeftModel.from_pretrained(model, sft_adapter, is_trainable=True)
+    model.config.use_cache = False
+    train_rows, val_rows = splits["train"], splits["val"]
+    for name in ("train", "val"):
+        write_jsonl(out / f"{name}.jsonl", splits[name])
+    model.eval()
+    sft_acc, sft_margin = preference_margins(model, tok, val_rows, max_seq_len)
+    stopped: dict = {"step": None}
+    t0 = time.perf_counter()
+
+    def row(state, logs: dict) -> dict:
+        return {"step": state.global_step, "time_s": round(time.perf_counter() - t0, 3), **logs}
+
+    args = DPOConfig(
+        output_dir=str(out / ".trainer"),
+        max_steps=cfg.max_steps,
+        per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        learning_rate=cfg.learning_rate,
+        lr_scheduler_type=cfg.scheduler,
+        warmup_steps=cfg.warmup_steps,
+        beta=cfg.beta,
+        loss_type=[cfg.loss_type],
+        max_length=max_seq_len,
+        logging_steps=1,
+        eval_strategy="steps",
+        eval_steps=cfg.eval_every,
+        eval_on_start=True,
+        save_strategy="no",
+        report_to=[],
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        use_cpu=device == "cpu",
+        bf16=device == "cuda",
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        log_level="error",
+    )
+    with open(out / "metrics.jsonl", "w") as metrics_f:
+        monitor = trainer_monitor(
+            "dpo", metrics_f, row, ("loss", "rewards/margins", "eval_rewards/accuracies"), stopped
+        )
+        trainer = DPOTrainer(
+            model=model,
+            args=args,
+            processing_class=tok,
+            callbacks=[monitor],
+            train_dataset=Dataset.from_list([to_trl(r) for r in train_rows]),
+            eval_dataset=Dataset.from_list([to_trl(r) for r in val_rows]),
+        )
+        trainer.remove_callback(PrinterCallback)
+        train_out = trainer.train()
+        if stopped["step"] is not None:
+            raise FtxError(
+                f"DPO loss became NaN/inf at step {stopped['step']}; lower dpo.learning_rate "
+                f"(now {cfg.learning_rate:g}) or raise dpo.beta"
+            )
+        final = (
+            next(
+                (
+                    h
+                    for h in reversed(trainer.state.log_history)
+                    if "eval_loss" in h and h.get("step") == trainer.state.global_step
+                ),
+                None,
+            )
+            or trainer.evaluate()
+        )
+    model = trainer.model
+    model.eval()
+    dpo_acc, dpo_margin = preference_margins(model, tok, val_rows, max_seq_len)
+    model.save_pretrained(out / "adapter", selected_adapters=["default"])
+    tok.save_pretrained(out / "adapter")
+    plot(out / "metrics.jsonl", out / "dpo.png")
+    shutil.rmtree(out / ".trainer", ignore_errors=True)
+    return DpoResult(
+        adapter_dir="adapter",
+        steps=train_out.global_step,
+        train_loss=float(train_out.training_loss),
+        val_loss=float(final["eval_loss"]),
+        reward_accuracy=float(final["eval_rewards/accuracies"]),
+        reward_margin=float(final["eval_rewards/margins"]),
+        pairs_train=len(train_rows),
+        pairs_val=len(val_rows),
+        sft_preference_accuracy=sft_acc,
+        dpo_preference_accuracy=dpo_acc,
+        sft_logp_margin=sft_margin,
+        dpo_logp_margin=dpo_margin,
+        device=device,
+    )
+
+
+class Dpo(Stage):
+    name = "dpo"
+    config = DpoConfig
+    result = DpoResult
+    optional = True
+    needs = ("train",)
+    provides = "adapter"
+    reads = ("data.max_seq_len", "train.method")
+
+    def prepare(self, ctx):
+        from ..core.splits import prepare
+
+        pairs, _ = prepare(ctx.cfg.data)  # the preference pairs are checked before hours of SFT, not after
+        return pairs
+
+    def run(self, ctx, out: Path) -> DpoResult:
+        sft = ctx.upstream("train")
+        return run(
+            ctx.cfg,
+            ctx.base_dir,
+            ctx.file("train", sft.result["adapter_dir"]),
+            ctx.prepared,
+            ctx.setting("data.max_seq_len"),
+            out,
+            ctx.setting("train.method"),
+        )
+
+    def headline(self, r: dict) -> str:
+        return (
+            f"preference acc {100 * r['sft_preference_accuracy']:.0f}% -> {100 * r['dpo_preference_accuracy']:.0f}%, "
+            f"margin {r['sft_logp_margin']:.2f} -> {r['dpo_logp_margin']:.2f}"
+        )
+
+    def artifacts(self, r: dict) -> list[Artifact]:
+        return [Artifact(r["adapter_dir"], "adapter"), Artifact("dpo.png", "dpo.png", copy=True)]

@@ -1,0 +1,287 @@
+"""Export stage: the merged HF model -> an export format's reference artifact and its variants (ftx.formats; GGUF:
+f16 + a quant ladder) -> the quality gate (ftx.formats.gate: each variant against the reference on the held-out
++ validation conversations, rendered with the chat template) selects the smallest variant within budget ->
+packaging steps (ftx.packaging: a proven Modelfile, a GGUF LoRA). Each artifact's top-1 agreement with the HF
+model on validation tokens is checked too (the reference must reach export.min_top1_agreement)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
+
+from ..core.errors import FtxError
+from ..formats import FORMATS
+from ..formats.gate import QualityGate
+from ..packaging import STEPS, Job
+from ..stage import Artifact, Stage
+
+
+class _ExportBase(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    format: Literal[tuple(FORMATS)] = Field("gguf", description="export format (settings in its own section)")
+    quality_gate: QualityGate | None = Field(
+        default_factory=QualityGate,
+        description="budgets every variant is held to against the reference; null keeps every variant",
+    )
+    min_top1_agreement: float = Field(
+        0.99, ge=0, le=1, description="reference artifact vs the HF model, on validation tokens"
+    )
+    check_tokens: int = Field(512, ge=16, description="validation tokens for the top-1 checks against HF")
+    eval_tokens: int = Field(
+        4096,
+        ge=256,
+        description="held-out + validation tokens the quality gate scores each "
+        "artifact on (the first conversations up to this many)",
+    )
+
+    def artifact_names(self) -> list[str]:
+        fmt = FORMATS[self.format]
+        return fmt.artifact_names(getattr(self, fmt.name))
+
+
+def _step_validator(step):
+    def check(cls, value, info):
+        if step.enabled(value):
+            fmt = info.data.get("format")
+            if fmt is not None and fmt not in step.formats:
+                raise ValueError(f"{step.name} works with {', '.join(step.formats)} exports only")
+            settings = info.data.get(fmt)
+            if settings is not None:
+                step.check(value, info.data, FORMATS[fmt].artifact_names(settings))
+        return value
+
+    return field_validator(step.name)(check)
+
+
+ExportConfig = create_model(
+    "ExportConfig",
+    __base__=_ExportBase,
+    __validators__={f"_check_{s.name}": _step_validator(s) for s in STEPS},
+    **{
+        f.name: (f.settings, Field(default_factory=f.settings, description=f"{f.name} format settings"))
+        for f in FORMATS.values()
+    },
+    **{s.name: (s.settings, Field(s.default, description=s.description)) for s in STEPS},
+)
+
+
+class ExportFile(BaseModel):
+    name: str
+    file: str
+    size_bytes: int
+    top1_agreement: float = Field(description="vs the HF model on validation tokens")
+    ppl: float | None = None
+    ppl_ratio: float | None = Field(None, description="PPL(variant) / PPL(reference) on the evaluation text")
+    mean_kld: float | None = None
+    p99_kld: float | None = None
+    same_top: float | None = Field(None, description="tokens whose top-1 equals the reference's")
+    passed: bool | None = Field(None, description="within the quality gate (None: reference or no gate)")
+
+
+class ExportResult(BaseModel):
+    format: str
+    files: list[ExportFile]
+    selected: str = Field(description="the smallest variant within the gate (the smallest variant without a gate)")
+    gate: QualityGate | None = None
+    eval_tokens: int = 0
+    lineage: str | None = None
+    extras: dict = Field(default_factory=dict, description="format facts (GGUF: the importance matrix)")
+    packaging: dict[str, dict] = Field(default_factory=dict, description="result of each packaging step that ran")
+
+
+def eval_sequences(tok, files: list[Path | None], max_tokens: int | None = None) -> list[list[int]]:
+    """Token ids of the held-out and validation conversations, rendered with the model's own chat template
+    (special tokens as the model sees them) - what the quality gate scores; the first ones up to `max_tokens`."""
+    from ..core.chat import read_examples, render_example
+
+    seqs, total = [], 0
+    for f in files:
+        for ex in read_examples(f) if f else []:
+            if "messages" in ex or "text" in ex:
+                ids = render_example(tok, ex, 4096)["input_ids"]
+                if max_tokens and total + len(ids) > max_tokens and seqs:
+                    return seqs
+                seqs.append(ids)
+                total += len(ids)
+    return seqs
+
+
+class _Top1:
+    """Top-1 agreement with the HF model, taken in passing from the log-probabilities the gate already computes
+    (the validation conversations are among the gate's sequences), so each artifact is evaluated once."""
+
+    def __init__(self, eval_seqs: list[list[int]], check_seqs: list[list[int]], ref_logits):
+        index = {tuple(s): i for i, s in enumerate(eval_seqs)}
+        self.at = [index.get(tuple(s)) for s in check_seqs]
+        self.ref = ref_logits.argmax(-1)
+        self.lengths = [len(s) for s in check_seqs]
+
+    def usable(self) -> bool:
+        return all(i is not None for i in self.at)
+
+    def tee(self, logprobs):
+        """Pass (log-probs, ids) through, keeping the argmax of the check sequences."""
+        self.tops = {}
+        wanted = set(self.at)
+        for i, (lp, ids) in enumerate(logprobs):
+            if i in wanted:
+                self.tops[i] = lp.argmax(-1)
+            yield lp, ids
+
+    def agreement(self) -> float:
+        import numpy as np
+
+        return float((np.concatenate([self.tops[i] for i in self.at]) == self.ref).mean())
+
+
+def export(
+    cfg,
+    model_dir: Path,
+    val_file: Path,
+    name: str,
+    num_ctx: int,
+    out: Path,
+    heldout_file: Path | None = None,
+    lineage: str | None = None,
+    base_model: str | None = None,
+    base_dir: Path | None = None,
+    adapter_dir: Path | None = None,
+    calib_file: Path | None = None,
+) -> ExportResult:
+    from rich.progress import Progress
+
+    from ..core.models import check_sequences, load_base, token_logits
+    from ..formats import gate
+
+    fmt = FORMATS[cfg.format]
+    settings = getattr(cfg, fmt.name)
+    fmt.check(settings, model_dir, out)
+    model, tok = load_base(model_dir, "lora", "cpu")
+    seqs = check_sequences(tok, val_file, cfg.check_tokens)
+    ref_logits = token_logits(model, seqs).numpy()
+    del model
+    eval_seqs = eval_sequences(tok, [heldout_file, val_file], cfg.eval_tokens)
+    top1 = _Top1(eval_seqs, seqs, ref_logits)
+    if not top1.usable():  # the check conversations were cut off by eval_tokens: score them on their own
+        eval_seqs = [*eval_seqs, *[s for s, i in zip(seqs, top1.at) if i is None]]
+        top1 = _Top1(eval_seqs, seqs, ref_logits)
+    calibration = [tok.decode(x) for x in eval_sequences(tok, [calib_file])] if calib_file else None
+    scratch = out / ".reference"
+    scratch.mkdir()
+    with Progress() as progress:
+        task = progress.add_task("export", total=2 + len(fmt.artifact_names(settings)))
+        progress.update(task, description="convert")
+        ref_name, ref_path = fmt.reference(settings, model_dir, out, name, lineage, base_model)
+        progress.advance(task)
+        progress.update(task, description=f"reference log-probs ({sum(len(x) - 1 for x in eval_seqs)} tokens)")
+        ref_ppl = gate.save_reference(top1.tee(fmt.logprobs(ref_path, eval_seqs)), eval_seqs, scratch / "ref.npy")
+        files = [
+            ExportFile(
+                name=ref_name,
+                file=ref_path.name,
+                size_bytes=ref_path.stat().st_size,
+                top1_agreement=top1.agreement(),
+                ppl=ref_ppl,
+            )
+        ]
+        progress.advance(task)
+        if files[0].top1_agreement < cfg.min_top1_agreement:
+            raise FtxError(
+                f"{ref_path.name} agrees with the HF model on only {files[0].top1_agreement:.1%} of validation "
+                f"tokens (< export.min_top1_agreement {cfg.min_top1_agreement:.0%})"
+            )
+        for vname, path in fmt.variants(settings, ref_path, out, calibration):
+            progress.update(task, description=f"KL divergence and top-1 vs HF: {vname}")
+            metrics = gate.compare(top1.tee(fmt.logprobs(path, eval_seqs)), scratch / "ref.npy", ref_ppl)
+            f = ExportFile(
+                name=vname, file=path.name, size_bytes=path.stat().st_size, top1_agreement=top1.agreement(), **metrics
+            )
+            f.passed = cfg.quality_gate.within(f.model_dump()) if cfg.quality_gate else None
+            files.append(f)
+            progress.advance(task)
+    shutil.rmtree(scratch)
+    selected = gate.select(files, cfg.quality_gate, ref_name)
+    job = Job(
+        cfg=cfg,
+        out=out,
+        name=name,
+        num_ctx=num_ctx,
+        tok=tok,
+        model_dir=model_dir,
+        files=files,
+        selected=selected,
+        seqs=seqs,
+        ref_logits=ref_logits,
+        base_dir=base_dir,
+        adapter_dir=adapter_dir,
+    )
+    packaging = {
+        s.name: s.run(getattr(cfg, s.name), job).model_dump() for s in STEPS if s.enabled(getattr(cfg, s.name))
+    }
+    return ExportResult(
+        format=fmt.name,
+        files=files,
+        selected=selected,
+        gate=cfg.quality_gate,
+        eval_tokens=sum(len(x) - 1 for x in eval_seqs),
+        lineage=lineage,
+        extras=fmt.extras(settings, out),
+        packaging=packaging,
+    )
+
+
+class Export(Stage):
+    name = "export"
+    config = ExportConfig
+    result = ExportResult
+    needs = ("merge", "data", "adapter")
+    reads = ("name", "base_model", "data.max_seq_len")
+
+    def run(self, ctx, out: Path) -> ExportResult:
+        d = ctx.upstream("data").result
+        merged = ctx.upstream("merge")
+        adapter = ctx.upstream("adapter")
+        return export(
+            ctx.cfg,
+            ctx.file("merge", merged.result["merged_dir"]),
+            ctx.file("data", d["val_file"]),
+            ctx.setting("name"),
+            ctx.setting("data.max_seq_len"),
+            out,
+            heldout_file=ctx.file("data", d["heldout_file"]),
+            lineage=ctx.key,
+            base_model=ctx.setting("base_model"),
+            base_dir=ctx.base_dir,
+            adapter_dir=ctx.file("adapter", adapter.result["adapter_dir"]),
+            calib_file=ctx.file("data", d["train_file"]),
+        )
+
+    def headline(self, r: dict) -> str:
+        return (
+            ", ".join(
+                f"{f['name']} {f['size_bytes'] / 1e6:.0f}MB" + ("*" if f["name"] == r["selected"] else "")
+                for f in r["files"]
+            )
+            + " (* gate pick)"
+        )
+
+    def artifacts(self, r: dict) -> list[Artifact]:
+        arts = [Artifact(f["file"], f["file"]) for f in r["files"]]
+        lora = r["packaging"].get("lora_adapter")
+        if lora:
+            arts += [
+                Artifact(lora["base_file"], lora["base_file"]),
+                Artifact(lora["adapter_file"], lora["adapter_file"]),
+            ]
+        for mf in ("Modelfile", "Modelfile.adapter"):  # with their template proofs (also when unproven)
+            arts += [Artifact(f, f, copy=True, optional=True) for f in (mf, f"{mf}.proof.json")]
+        return arts
+
+    def card_data(self, r: dict, recipe: str) -> dict:
+        return {
+            **r,
+            "packaging_md": [s.card(r["packaging"][s.name], recipe) for s in STEPS if s.name in r["packaging"]],
+        }
