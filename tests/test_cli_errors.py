@@ -84,3 +84,57 @@ def test_help_does_not_import_torch():
         timeout=60,
     )
     assert proc.stdout.strip().endswith("False False"), proc.stdout
+
+
+def test_a_latin1_dataset_names_file_line_and_the_fix(recipe_copy, tmp_path):
+    data = recipe_copy.parent / "data" / "quickstart.jsonl"
+    lines = data.read_text().splitlines()
+    lines[9] = lines[9].replace('"content": "', '"content": "Café: ', 1)
+    data.write_bytes(("\n".join(lines) + "\n").encode("latin-1"))
+    for cmd in (["recipe", "run", recipe_copy, f"output_dir={tmp_path / 'out'}"], ["data", "validate", data]):
+        proc = run_cli(*cmd)
+        assert_clean_failure(
+            proc,
+            tmp_path / "out",
+            rf"{re.escape(str(data))}:10: not valid utf-8: byte 0xe9 at "
+            r"offset \d+; save the file as UTF-8, or set data.encoding .*",
+        )
+    proc = run_cli("recipe", "validate", recipe_copy, "data.encoding=latin-1")  # the fix the message names
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_an_output_dir_that_cannot_be_written_fails_before_any_work(recipe_copy, tmp_path):
+    afile = tmp_path / "a-file"
+    afile.write_text("x")
+    for out in (afile / "runs", "/proc/ftx-runs"):
+        proc = run_cli("recipe", "run", recipe_copy, f"output_dir={out}")
+        assert_clean_failure(
+            proc,
+            tmp_path / "none",
+            rf"override 'output_dir={re.escape(str(out))}': output_dir: "
+            r"cannot write to .*",
+        )
+    assert afile.read_text() == "x" and not list(recipe_copy.parent.glob("runs"))
+
+
+def test_paths_in_a_recipe_are_relative_to_the_recipe(recipe_copy, tmp_path):
+    proc = run_cli("recipe", "validate", recipe_copy)
+    assert proc.returncode == 0, proc.stderr
+    import json
+
+    cfg = json.loads(proc.stdout)
+    assert cfg["output_dir"] == str((recipe_copy.parent / ".." / "runs").resolve())  # output_dir: ../runs
+    assert cfg["data"]["path"] == str(recipe_copy.parent / "data" / "quickstart.jsonl")
+    assert cfg["bench"]["hardware"].endswith("hardware/cloud-2vcpu.yaml")
+
+
+def test_a_yaml_alias_bomb_is_refused_in_one_line(tmp_path):
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text(
+        "a: &a [x, x, x, x, x, x, x, x, x]\n"
+        + "".join(f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join([f'*{chr(97 + i)}'] * 9)}]\n" for i in range(8))
+    )
+    proc = run_cli("recipe", "run", bomb, f"output_dir={tmp_path / 'out'}")
+    assert_clean_failure(proc, tmp_path / "out", rf"{re.escape(str(bomb))}: YAML aliases expand to more than .*")
+    proc = run_cli("serve", bomb)
+    assert proc.returncode == 2 and "YAML aliases expand" in proc.stderr

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import re
 
 import pytest
 
@@ -229,3 +230,186 @@ def test_cli_data_validate_split_inspect(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert "tokens per row" in proc.stderr and png.read_bytes()[:4] == b"\x89PNG"
+
+
+# ------------------------------------------------------------------ data as it comes from the wild
+ROWS = [{"instruction": "Name a café.", "output": "Café Crème"}, {"instruction": "Größe?", "output": "groß"}]
+
+
+def _csv(path, rows, encoding, bom=False):
+    import io
+
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=["instruction", "output"])
+    w.writeheader()
+    w.writerows(rows)
+    path.write_bytes((b"\xef\xbb\xbf" if bom else b"") + buf.getvalue().encode(encoding))
+    return path
+
+
+def test_a_latin1_file_is_one_error_with_line_and_offset_and_reads_with_its_encoding(tmp_path):
+    from ftx.core.rows import Options
+
+    for name in ("d.jsonl", "d.csv"):
+        p = tmp_path / name
+        if name.endswith(".jsonl"):
+            p.write_bytes("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in ROWS).encode("latin-1"))
+        else:
+            _csv(p, ROWS, "latin-1")
+        with pytest.raises(FtxError) as e:
+            datarows.load(p)
+        msg = str(e.value)
+        assert re.fullmatch(
+            rf"{re.escape(str(p))}:[12]: not valid utf-8: byte 0x[0-9a-f]{{2}} at offset \d+; save the "
+            r"file as UTF-8, or set data.encoding .*",
+            msg,
+        ), msg
+        examples, _ = datarows.load(p, options=Options(encoding="latin-1"))
+        assert (
+            examples[0]["messages"][0]["content"] == "Name a café." and examples[1]["messages"][1]["content"] == "groß"
+        )
+
+
+def test_a_bom_is_skipped_and_utf16_is_named(tmp_path):
+    p = _csv(tmp_path / "excel.csv", ROWS, "utf-8", bom=True)  # what spreadsheets write for "CSV UTF-8"
+    examples, report = datarows.load(p)
+    assert report.format == "alpaca" and len(examples) == 2
+    j = tmp_path / "bom.jsonl"
+    j.write_bytes(b"\xef\xbb\xbf" + (json.dumps(ROWS[0]) + "\n").encode())
+    assert datarows.load(j)[1].format == "alpaca"
+    u = tmp_path / "u16.jsonl"
+    u.write_bytes((json.dumps(ROWS[0]) + "\n").encode("utf-16"))
+    with pytest.raises(FtxError, match=r"u16\.jsonl:1: the file is UTF-16 .* data.encoding: utf-16"):
+        datarows.load(u)
+    from ftx.core.rows import Options
+
+    assert datarows.load(u, options=Options(encoding="utf-16"))[1].rows_kept == 1
+
+
+def test_a_broken_parquet_file_is_one_error(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    good = tmp_path / "d.parquet"
+    pq.write_table(pa.Table.from_pylist(ROWS), good)
+    cut = tmp_path / "cut.parquet"
+    cut.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    (tmp_path / "junk.parquet").write_text("not parquet at all")
+    for p in (cut, tmp_path / "junk.parquet"):
+        with pytest.raises(FtxError, match=rf"{re.escape(str(p))}: not a readable Parquet file \("):
+            datarows.load(p)
+
+
+def test_sharegpt_rows_are_detected_and_mapped(tmp_path):
+    row = {
+        "conversations": [
+            {"from": "system", "value": "Be terse."},
+            {"from": "human", "value": "Hi"},
+            {"from": "gpt", "value": "Hello."},
+        ]
+    }
+    examples, report = datarows.load(jsonl(tmp_path, [row]))
+    assert report.format == "sharegpt" and examples == [
+        {
+            "messages": EXPECTED_CHAT[:1]
+            + [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]
+        }
+    ]
+    bad = {"conversations": [{"from": "human", "value": "Hi"}, {"from": "observation", "value": "{}"}]}
+    with pytest.raises(FtxError, match=r"d.jsonl:2: conversations\[1\].from: unknown speaker 'observation'"):
+        datarows.load(jsonl(tmp_path, [row, bad]))
+    twice = {"conversations": [{"from": "human", "value": "a"}, {"from": "human", "value": "b"}]}
+    with pytest.raises(FtxError, match=r"conversations\[1\].from: turns must alternate"):
+        datarows.load(jsonl(tmp_path, [twice]))
+
+
+def test_openai_weights_are_kept_and_checked(tmp_path):
+    row = {
+        "messages": [
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "draft", "weight": 0},
+            {"role": "user", "content": "Again"},
+            {"role": "assistant", "content": "final", "weight": 1},
+        ]
+    }
+    examples, _ = datarows.load(jsonl(tmp_path, [row]))
+    assert [m.get("weight") for m in examples[0]["messages"]] == [None, 0, None, 1]
+    for bad, problem in (
+        ({"role": "user", "content": "x", "weight": 1}, "messages[0].weight"),
+        ({"role": "assistant", "content": "x", "weight": 0.5}, "messages[1].weight"),
+    ):
+        msgs = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+        msgs[0 if bad["role"] == "user" else 1] = bad
+        with pytest.raises(FtxError, match=re.escape(problem)):
+            datarows.load(jsonl(tmp_path, [{"messages": msgs}]))
+    none = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "weight": 0}]}
+    with pytest.raises(FtxError, match="every assistant turn has weight 0"):
+        datarows.load(jsonl(tmp_path, [none]))
+
+
+def test_weight_zero_turns_are_not_trained_on(smollm_tokenizer):
+    tok = smollm_tokenizer
+    msgs = [
+        {"role": "user", "content": "Name a color."},
+        {"role": "assistant", "content": "Blue.", "weight": 0},
+        {"role": "user", "content": "Another one?"},
+        {"role": "assistant", "content": "Green.", "weight": 1},
+    ]
+    r = chat.render(tok, msgs, 4096)
+    trained = tok.decode([t for t, lab in zip(r["input_ids"], r["labels"]) if lab != -100])
+    assert trained == "Green.<|im_end|>\n"  # the weight-0 reply is context only
+    plain = [{k: v for k, v in m.items() if k != "weight"} for m in msgs]
+    assert r["input_ids"] == chat.render(tok, plain, 4096)["input_ids"]  # the weight never reaches the template
+
+
+def test_alpaca_input_join_is_a_setting(tmp_path):
+    from ftx.core.rows import Options
+
+    p = jsonl(tmp_path, [{"instruction": "Add", "input": "2 and 3", "output": "5"}])
+    assert datarows.load(p)[0][0]["messages"][0]["content"] == "Add\n\n2 and 3"  # the default
+    opts = Options(alpaca_template="### Instruction:\n{instruction}\n### Input:\n{input}")
+    assert (
+        datarows.load(p, options=opts)[0][0]["messages"][0]["content"] == "### Instruction:\nAdd\n### Input:\n2 and 3"
+    )
+    with pytest.raises(ValueError, match=r"must contain \{instruction\} and \{input\}"):
+        stage.DataConfig(path=p, alpaca_template="{instruction} only")
+
+
+def test_bench_prompts_read_every_row_format_and_file_type(tmp_path):
+    from ftx.bench.prompts import from_file
+
+    assert from_file(_csv(tmp_path / "a.csv", ROWS, "utf-8", bom=True)) == [
+        [{"role": "user", "content": "Name a café."}],
+        [{"role": "user", "content": "Größe?"}],
+    ]
+    sharegpt = {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello."}]}
+    assert from_file(jsonl(tmp_path, [sharegpt])) == [[{"role": "user", "content": "Hi"}]]
+    assert from_file(jsonl(tmp_path, [{"prompt": "only a prompt"}], "p.jsonl")) == ["only a prompt"]  # vllm custom
+    assert from_file(jsonl(tmp_path, [{"text": "plain"}], "t.jsonl")) == ["plain"]
+
+
+def test_cli_data_convert_writes_chat_rows(tmp_path):
+    import subprocess
+
+    from .conftest import FTX
+
+    src = jsonl(tmp_path, [{"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Yo"}]}])
+    proc = subprocess.run(
+        [*FTX, "data", "convert", str(src), "--to", "chat", "--out", str(tmp_path / "c.jsonl")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((tmp_path / "c.jsonl").read_text()) == {
+        "messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]
+    }
+    text = jsonl(tmp_path, [{"text": "plain"}], "t.jsonl")
+    proc = subprocess.run(
+        [*FTX, "data", "convert", str(text), "--out", str(tmp_path / "x.jsonl")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2 and "text rows are not conversations" in proc.stderr
+    assert not (tmp_path / "x.jsonl").exists()

@@ -1,6 +1,8 @@
 """Memory planner: parameter counts are exact, the terms behave, and on this CPU the estimate is within 25%
 of the peak RSS measured while really training SmolLM2 (forward, backward and AdamW steps)."""
 
+import json
+
 import pytest
 
 from ftx import plan
@@ -49,3 +51,20 @@ def test_estimate_within_25_percent_of_measured_peak_rss(smol, method, seq_len, 
         plan.PlanConfig(model=smol, method=method, seq_len=seq_len, batch_size=batch, lora_r=8, device="cpu")
     ).total_mb
     assert abs(est / measured - 1) <= 0.25, (est, measured)
+
+
+def test_plan_of_a_recipe_uses_this_machine_and_the_data_lengths():
+    """On this CPU machine the plan is for the CPU and its RAM, and seq_len comes from the data's real lengths (the
+    quickstart's rows are ~60 tokens, not max_seq_len 512)."""
+    import subprocess
+
+    import psutil
+
+    from .conftest import FTX, RECIPE
+
+    proc = subprocess.run([*FTX, "plan", str(RECIPE), "--json"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    p = json.loads(proc.stdout[: proc.stdout.rindex("}") + 1])
+    assert p["config"]["device"] == "cpu"
+    assert p["config"]["budget_gb"] == pytest.approx(psutil.virtual_memory().total / 2**30, rel=0.01)
+    assert 30 < p["config"]["seq_len"] < 128  # the expected longest row of a batch of 8, not 512

@@ -101,6 +101,7 @@ def build_card(recipe, runner, run_id: str, created: str, wall_s: float, version
         "git": git,
         "wall_s": wall_s,
         "stages": [],
+        "bundle": None,
     }
     for name, r in runner.runs.items():
         stage = runner.registry[name]
@@ -118,6 +119,23 @@ def build_card(recipe, runner, run_id: str, created: str, wall_s: float, version
     return card
 
 
+def _bundle_texts(recipe, runner) -> dict[str, str]:
+    """The model card and the license for a bundle, when there are."""
+    from . import bundle
+    from .core import basemodel
+
+    merge = runner.runs.get("merge")
+    merged = Path(merge.dir) / merge.result["merged_dir"] if merge else None
+    texts = {}
+    if merged is not None and (merged / "README.md").is_file():
+        texts["README.md"] = (merged / "README.md").read_text()
+    spdx = recipe.license or basemodel.LICENSES.get(recipe.base_model)
+    license_text = bundle.license_text(recipe.base_model, spdx, merged)
+    if license_text:
+        texts["LICENSE"] = license_text
+    return texts
+
+
 def _place(src: Path, dst: Path, copy: bool) -> None:
     if copy:
         shutil.copy(src, dst)
@@ -133,6 +151,14 @@ def write_run_dir(recipe, runner, overrides: list[str], started: datetime, wall_
     final = recipe.output_dir.resolve() / recipe.name / run_id
     created = started.isoformat(timespec="seconds")
     card = build_card(recipe, runner, run_id, created, wall_s, versions, git)
+    bundle_files, bundle_texts = None, {}
+    if recipe.bundle is not None and "export" in runner.runs:
+        from . import bundle
+
+        bundle_files = bundle.export_files(Path(runner.runs["export"].dir), runner.runs["export"].result)
+        bundle_texts = _bundle_texts(recipe, runner)
+        names = [*bundle_files, *bundle_texts, "run_card.md", "run_card.json", "SHA256SUMS"]
+        card["bundle"] = {"dir": str(recipe.bundle), "files": sorted(names)}
     inputs = dict(runner.inputs)
     if "base_model" in inputs:  # the converted HF directory the stages loaded, next to what was hashed
         inputs["base_model"] = {**inputs["base_model"], "name": recipe.base_model, "path": str(runner.base_dir())}
@@ -170,7 +196,15 @@ def write_run_dir(recipe, runner, overrides: list[str], started: datetime, wall_
         }
         write_json(tmp / "manifest.json", manifest)
         write_json(tmp / "run_card.json", card)
-        (tmp / "run_card.md").write_text(render_markdown(card, runner.stages))
+        markdown = render_markdown(card, runner.stages)
+        (tmp / "run_card.md").write_text(markdown)
+    if bundle_files is not None:
+        import json
+
+        from . import bundle
+
+        texts = {**bundle_texts, "run_card.md": markdown, "run_card.json": json.dumps(card, indent=2, default=str)}
+        bundle.write(recipe.bundle, bundle_files, texts)
     latest = final.parent / "latest"
     if latest.is_symlink() or latest.exists():
         latest.unlink()

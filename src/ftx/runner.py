@@ -201,7 +201,9 @@ def run_recipe(
     from . import card, pipeline
 
     console = console or Console(stderr=True)
-    recipe = pipeline.load(recipe_path, overrides)
+    doc = pipeline.load_doc(recipe_path, overrides)
+    pipeline.check_output(doc)  # before any work: nothing is written when it cannot be
+    recipe = doc.model
     started = datetime.now(timezone.utc)
     t0 = time.perf_counter()
     runner = Runner(pipeline.STAGES, recipe, recipe.output_dir.resolve(), set(force), until, console)

@@ -265,7 +265,7 @@ def load_prompts(cfg: BenchConfig, heldout: list[list[dict]] | None = None, toke
     if src.source == "file":
         if src.path is None:
             raise FtxError("bench.prompts.path: needed for source file")
-        return P.from_file(src.path)
+        return P.from_file(src.path, src.encoding)
     if not heldout:
         raise FtxError("bench.prompts.source heldout: no held-out prompts here (use file or synthetic)")
     return [m[:-1] if m[-1]["role"] == "assistant" else m for m in heldout]

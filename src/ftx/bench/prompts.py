@@ -120,7 +120,8 @@ class PromptsConfig(BaseModel):
     source: Literal["heldout", "file", "synthetic"] = Field(
         "heldout", description="heldout: the recipe's held-out prompts; file: `path`; synthetic: generated"
     )
-    path: InputFile | None = Field(None, description="file: dataset rows (chat messages, prompt/completion, or text)")
+    path: InputFile | None = Field(None, description="file: a dataset file in any format the data stage reads")
+    encoding: str = Field("utf-8", description="file: its text encoding")
     input_tokens: int = Field(
         128,
         ge=1,
@@ -146,27 +147,36 @@ def load_tokenizer(ref: str | None):
     return AutoTokenizer.from_pretrained(basemodel.resolve(ref))
 
 
-def from_file(path: Path) -> list[list[dict] | str]:
-    """Prompts from a dataset file (.jsonl/.json/.csv/.parquet): `messages` rows give their messages up to the
-    last assistant turn; `prompt` rows (a string or messages; a completion is optional, as in `vllm bench serve`'s
-    custom dataset) and `text` rows give their prompt. A bad row is one error naming file:line and the field."""
-    from ..core.rows import RowError, read_records
+def from_file(path: Path, encoding: str = "utf-8") -> list[list[dict] | str]:
+    """Prompts from a dataset file in any format and file type the data stage reads (ftx.core.rows): a conversation
+    gives its messages up to the last assistant turn, a text row its text, a preference row its prompt. Rows with a
+    `prompt` alone (a string or messages; `vllm bench serve`'s custom dataset) work too. A bad row is one error
+    naming file:line and the field."""
+    from ..core.rows import Options, RowError, detect, load, read_records
 
+    records = read_records(path, encoding)
+    if not records:
+        raise FtxError("no prompts in the file", where=str(path))
+    if any(detect(r) for _, r in records[:1]):
+        examples, _ = load(path, options=Options(encoding=encoding))
+        out = []
+        for ex in examples:
+            if "messages" in ex:
+                msgs = ex["messages"]
+                out.append([{"role": m["role"], "content": m["content"]} for m in msgs[:-1]])
+            else:
+                out.append(ex.get("prompt") or ex["text"])
+        return out
     out = []
-    for where, row in read_records(path):
+    for where, row in records:
         if isinstance(row, RowError):
             raise FtxError(str(row), where=where)
-        if isinstance(row, dict) and isinstance(row.get("messages"), list) and row["messages"]:
-            msgs = row["messages"]
-            out.append(msgs[:-1] if msgs[-1].get("role") == "assistant" and len(msgs) > 1 else msgs)
-        elif isinstance(row, dict) and isinstance(row.get("prompt"), (str, list)) and row["prompt"]:
+        if isinstance(row, dict) and isinstance(row.get("prompt"), (str, list)) and row["prompt"]:
             out.append(row["prompt"])
-        elif isinstance(row, dict) and isinstance(row.get("text"), str) and row["text"]:
-            out.append(row["text"])
         else:
-            raise FtxError("prompt: a row needs `messages`, `prompt` or `text`", where=where)
-    if not out:
-        raise FtxError("no prompts in the file", where=str(path))
+            raise FtxError(
+                "prompt: a row needs `messages`, `conversations`, `prompt`, `instruction` or `text`", where=where
+            )
     return out
 
 

@@ -1,47 +1,19 @@
-"""`ftx data validate|split|inspect`: check, split and look at dataset files."""
+"""`ftx data validate|split|convert|inspect`: check, split, convert and look at dataset files."""
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Literal
 
 import click
-from pydantic import BaseModel, ConfigDict, Field
 
-from ..core.config import InputFile
-from ..core.rows import FORMATS
-from ..core.splits import DataSource
-from .grammar import Alias, abs_path, console, load, options
+from ..stages.data import ConvertJob, InspectJob, SplitJob, ValidateJob
+from .grammar import Alias, abs_path, console, load, options, overrides
 
-
-class ValidateJob(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    files: list[InputFile] = Field(min_length=1, description="dataset files (.jsonl, .json, .csv, .parquet)")
-    format: Literal[FORMATS] = Field("auto", description="row format; auto: detected from the first row")
-    on_error: Literal["fail", "skip"] = Field(
-        "skip", description="skip: report every bad row and the drop counts; fail: stop at the first"
-    )
-
-
-class SplitJob(DataSource):
-    out: Path = Field(description="directory for train/val/test.jsonl and report.json")
-
-
-class InspectJob(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    path: InputFile = Field(description="a dataset file")
-    format: Literal[FORMATS] = "auto"
-    base_model: str = Field("smollm2-135m-instruct", description="whose tokenizer and chat template")
-    max_seq_len: int = Field(512, ge=16, description="the training sequence length to compare against")
-    png: Path | None = Field(None, description="write a token-length histogram here")
-    examples: int = Field(2, ge=0, description="rendered rows to show")
-
-
-FMT = [Alias("--format", "format"), Alias("--on-error", "on_error")]
-VALIDATE = FMT
+ROWS = [Alias("--format", "format"), Alias("--encoding", "encoding", raw=True)]
+VALIDATE = [*ROWS, Alias("--on-error", "on_error")]
 SPLIT = [
-    *FMT,
+    *VALIDATE,
     Alias("--out", "out", parse=abs_path("out")),
     Alias("--val", "val_fraction"),
     Alias("--test", "test_fraction"),
@@ -49,8 +21,9 @@ SPLIT = [
     Alias("--near-dup", "near_dup_threshold"),
     Alias("--no-dedupe", "dedupe", is_flag=True, value=False),
 ]
+CONVERT = [*ROWS, Alias("--to", "to"), Alias("--out", "out", parse=abs_path("out"))]
 INSPECT = [
-    Alias("--format", "format"),
+    *ROWS,
     Alias("--base-model", "base_model", raw=True),
     Alias("--max-seq-len", "max_seq_len"),
     Alias("--png", "png", parse=abs_path("png")),
@@ -58,13 +31,14 @@ INSPECT = [
 ]
 
 
-def _files(files) -> list[tuple]:
-    return [("files", [str(Path(f).absolute()) for f in files], " ".join(files))]
+def _with_file(args) -> tuple:
+    """A first word that is not key=value is the data file (`path=`)."""
+    return (f"path={Path(args[0]).absolute()}", *args[1:]) if args and "=" not in args[0] else tuple(args)
 
 
 @click.group()
 def data():
-    """Check, split and inspect dataset files."""
+    """Check, split, convert and inspect dataset files."""
 
 
 @data.command("validate")
@@ -76,22 +50,19 @@ def data_validate(files, **params):
 
     from ..core import config
     from ..core.rows import load as load_rows
-    from .grammar import overrides
 
-    job = config.load(None, ValidateJob, [*_files(files), *overrides(VALIDATE, params)], what="arguments").model
+    given = [("files", [str(Path(f).absolute()) for f in files], " ".join(files))]
+    job = config.load(None, ValidateJob, [*given, *overrides(VALIDATE, params)], what="arguments").model
     bad = 0
     for f in job.files:
-        _, report = load_rows(f, job.format, job.on_error)
+        _, report = load_rows(f, job.format, job.on_error, options=job.options())
         for p in report.problems:
             click.echo(p, err=True)  # plain lines: greppable, never wrapped
         table = Table(title=f"{f} ({report.format})")
         for col in ("rows read", "kept", "dropped, by reason"):
             table.add_column(col)
-        table.add_row(
-            str(report.rows_read),
-            str(report.rows_kept),
-            ", ".join(f"{k}: {v}" for k, v in report.dropped.items()) or "none",
-        )
+        dropped = ", ".join(f"{k}: {v}" for k, v in report.dropped.items()) or "none"
+        table.add_row(str(report.rows_read), str(report.rows_kept), dropped)
         console().print(table)
         bad += report.rows_read - report.rows_kept
     sys.exit(1 if bad else 0)
@@ -101,18 +72,28 @@ def data_validate(files, **params):
 @click.argument("args", nargs=-1)
 @options(SplitJob, SPLIT)
 def data_split(args, **params):
-    """Dedupe and split FILE (or a config: path=FILE ...) into train/val/test JSONL, removing leaking prompts."""
+    """Dedupe and split FILE into train/val/test JSONL (seeded), removing prompts that leak across splits."""
     from ..core.cache import atomic_dir
     from ..core.splits import prepare
     from ..stages.data import write
 
-    args = [f"path={Path(args[0]).absolute()}", *args[1:]] if args and "=" not in args[0] else list(args)
-    job = load(SplitJob, tuple(args), SPLIT, params, "arguments").model
+    job = load(SplitJob, _with_file(args), SPLIT, params, "arguments").model
     prepared = prepare(job)  # bad rows fail here, before the output directory exists
     with atomic_dir(job.out) as tmp:
         r = write(*prepared, tmp)
         (tmp / "report.json").write_text(r.model_dump_json(indent=2))
     click.echo(r.model_dump_json(indent=2, exclude={"load"}))
+
+
+@data.command("convert")
+@click.argument("args", nargs=-1)
+@options(ConvertJob, CONVERT)
+def data_convert(args, **params):
+    """Convert FILE (chat, sharegpt, alpaca or completion rows, any file type) to chat JSONL rows: --out FILE."""
+    from ..stages.data import convert
+
+    job = load(ConvertJob, _with_file(args), CONVERT, params, "arguments").model
+    click.echo(f"{convert(job)} rows -> {job.out}")
 
 
 @data.command("inspect")
@@ -122,8 +103,7 @@ def data_inspect(args, **params):
     """Counts, token lengths with the model's template, share truncated, roles and rendered examples of FILE."""
     from ..stages.data import show
 
-    args = [f"path={Path(args[0]).absolute()}", *args[1:]] if args and "=" not in args[0] else list(args)
-    show(load(InspectJob, tuple(args), INSPECT, params, "arguments").model, console())
+    show(load(InspectJob, _with_file(args), INSPECT, params, "arguments").model, console())
 
 
 COMMANDS = [data]

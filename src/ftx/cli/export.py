@@ -5,34 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
-from pydantic import BaseModel, ConfigDict, Field
 
-from ..core.config import InputDir, InputFile
 from ..core.errors import FtxError
-from ..stages.export import ExportConfig
+from ..packaging.modelfile import ModelfileJob
+from ..stages.export import ExportJob
 from .grammar import Alias, abs_path, console, load, options
-
-
-class ExportJob(ExportConfig):
-    model: InputDir = Field(description="the merged HF model directory")
-    val: InputFile = Field(description="JSONL conversations: top-1 check vs HF and the quality gate's text")
-    heldout: InputFile | None = Field(None, description="more evaluation conversations for the quality gate")
-    out: Path = Field(description="output directory")
-    name: str = Field("model", description="model name (GGUF metadata, Modelfile)")
-    num_ctx: int = Field(2048, ge=1, description="Modelfile num_ctx (the training sequence length)")
-    calibration: InputFile | None = Field(None, description="conversations (JSONL) for the importance matrix")
-    adapter: InputDir | None = Field(None, description="lora_adapter: the peft adapter to export as a GGUF LoRA")
-    base: str | None = Field(None, description="lora_adapter: the adapter's base model (packaged name or HF dir)")
-
-
-class ModelfileJob(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    model: InputDir = Field(description="HF model directory (tokenizer, chat template, generation_config)")
-    gguf: InputFile = Field(description="the GGUF the Modelfile's FROM names")
-    adapter: InputFile | None = Field(None, description="a GGUF LoRA adapter (ADAPTER line)")
-    name: str = Field("model", description="model name")
-    num_ctx: int = Field(2048, ge=1, description="the training sequence length")
-    out: Path | None = Field(None, description="default: Modelfile next to the GGUF")
 
 
 def _imatrix(texts):
@@ -48,7 +25,8 @@ EXPORT = [
     *PATHS,
     Alias("--name", "name", raw=True),
     Alias("--quant", "gguf.quants", multiple=True),
-    Alias("--num-ctx", "num_ctx"),
+    Alias("--num-ctx", "modelfile.num_ctx"),
+    Alias("--bundle", "bundle", parse=abs_path("bundle")),
     Alias("--max-mean-kld", "quality_gate.max_mean_kld"),
     Alias("--max-ppl-ratio", "quality_gate.max_ppl_ratio"),
     Alias("--no-gate", "quality_gate", is_flag=True, value=None, help="keep every quant, select the smallest"),
@@ -92,7 +70,7 @@ def export(args, **params):
             job.model,
             job.val,
             job.name,
-            job.num_ctx,
+            None,
             tmp,
             heldout_file=job.heldout,
             base_dir=basemodel.resolve(job.base) if job.base else None,
@@ -101,6 +79,10 @@ def export(args, **params):
         )
         (tmp / "export.json").write_text(r.model_dump_json(indent=2))
     click.echo(r.model_dump_json(indent=2))
+    if job.bundle:
+        from .. import bundle
+
+        click.echo(f"bundle: {bundle.from_export(job, r)['dir']}")
 
 
 @click.command()
@@ -115,8 +97,10 @@ def modelfile(args, **params):
 
     job = load(ModelfileJob, args, MODELFILE, params, "modelfile arguments").model
     out = job.out or job.gguf.parent / "Modelfile"
+    rt = mf.runtime(job.model, job.num_ctx, job.parameters, None)
+    tok = AutoTokenizer.from_pretrained(job.model)
     proof = mf.write(
-        AutoTokenizer.from_pretrained(job.model), job.model, job.gguf, job.name, job.num_ctx, out, adapter=job.adapter
+        tok, job.model, job.gguf, job.name, rt["num_ctx"], out, adapter=job.adapter, parameters=rt["parameters"]
     )
     table = Table(title=f"template proof: {proof.family or 'no family proven'}")
     for col in ("conversation", "HF = Go = llama.cpp", "tokens", "detail"):

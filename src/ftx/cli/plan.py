@@ -31,17 +31,20 @@ def plan(args, as_json, **params):
     from rich.table import Table
 
     from ..core import config
+    from ..plan import machine, recipe_plan_config
     from ..plan import plan as make_plan
-    from ..plan import recipe_plan_config
 
-    args, base = list(args), []
+    args, base, note = list(args), [], None
     if args and "=" not in args[0]:
         source = args.pop(0)
         if source.endswith((".yaml", ".yml")):  # the key=value words are the recipe's
             from ..pipeline import load
 
-            device = params["device"] or PlanConfig.model_fields["device"].default
-            base = [(k, v, source) for k, v in recipe_plan_config(load(source, args), device).items()]
+            device = machine(params["device"] or PlanConfig.model_fields["device"].default, 1.0)[0]
+            recipe = load(source, args)
+            base = [(k, v, source) for k, v in recipe_plan_config(recipe, device).items()]
+            note, seq = _data_seq_len(recipe)
+            base += [("seq_len", seq, source)] if seq else []
             args = []
         else:
             base = [("model", source, source)]
@@ -66,10 +69,31 @@ def plan(args, as_json, **params):
         verdict = "fits" if p.fits else "does NOT fit"
         click.echo(
             f"{p.params / 1e9:.2f}B params, {p.trainable_params / 1e6:.1f}M trainable; "
-            f"{p.total_mb / 1024:.1f} GiB {verdict} in {c.budget_gb:g} GiB; largest batch that fits: "
+            f"{p.total_mb / 1024:.1f} GiB {verdict} in {c.budget_gb:.1f} GiB; largest batch that fits: "
             f"{p.max_batch_size}"
         )
+        if note:
+            click.echo(note)
     sys.exit(0 if p.fits else 1)
+
+
+def _data_seq_len(recipe) -> tuple[str | None, int | None]:
+    """seq_len from the data's real lengths (batches are padded to their longest row), with a note; the worst case
+    (every row at max_seq_len) when the data or the tokenizer is not here."""
+    from ..core.errors import FtxError
+    from ..plan import batch_seq_len, data_lengths
+
+    try:
+        lengths = sorted(data_lengths(recipe))
+    except (FtxError, OSError) as e:
+        return f"seq_len: every row at data.max_seq_len (the worst case; data lengths unavailable: {e})", None
+    seq = batch_seq_len(lengths, recipe.train.batch_size)
+    return (
+        f"seq_len {seq}: the expected longest row of a batch of {recipe.train.batch_size} from the data "
+        f"({len(lengths)} rows: median {lengths[len(lengths) // 2]}, max {lengths[-1]} tokens; "
+        f"data.max_seq_len {recipe.data.max_seq_len}). Every row at max_seq_len: plan with "
+        f"--seq-len {recipe.data.max_seq_len}."
+    ), seq
 
 
 COMMANDS = [plan]

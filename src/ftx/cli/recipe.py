@@ -55,11 +55,28 @@ def _recipe(args) -> tuple[Path, list[str]]:
 @recipe.command("validate")
 @click.argument("args", nargs=-1)
 def recipe_validate(args):
-    """Validate RECIPE.yaml [key.path=value ...] and print the resolved config (paths resolved, defaults filled)."""
+    """Validate RECIPE.yaml [key.path=value ...], print the resolved config (every path resolved, defaults filled)
+    and check what can be checked without running: the base model is here, the output can be written, the tools
+    its stages use are installed (exit 2 naming the first that is not)."""
+    from rich.table import Table
+
     from .. import pipeline
+    from ..core.errors import FtxError
+    from ..doctor import recipe_checks
 
     path, overrides = _recipe(args)
-    click.echo(pipeline.load(path, overrides).model_dump_json(indent=2))
+    recipe = pipeline.load(path, overrides)
+    click.echo(recipe.model_dump_json(indent=2))
+    checks = recipe_checks(recipe)
+    table = Table(title=f"{path}: ready to run?")
+    for col in ("check", "status", "detail"):
+        table.add_column(col)
+    for c in checks:
+        table.add_row(c.name, "[green]ok[/]" if c.ok else "[red]missing[/]", c.detail)
+    console().print(table)
+    bad = next((c for c in checks if not c.ok and c.required), None)
+    if bad:
+        raise FtxError(f"{bad.name}: {bad.detail}", where=str(path))
 
 
 @recipe.command("schema")

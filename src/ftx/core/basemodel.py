@@ -27,6 +27,25 @@ LICENSES = {
 }
 
 
+def license_file(base_model: str) -> Path | None:
+    """The base model's license text: the packaged model's distribution license, or a LICENSE file of its
+    directory; None when there is none here."""
+    if base_model in PACKAGED:
+        from importlib import metadata
+
+        try:
+            dist = metadata.distribution(PACKAGED[base_model][0].replace("_", "-"))
+        except metadata.PackageNotFoundError:
+            return None
+        found = [Path(str(dist.locate_file(f))) for f in dist.files or [] if Path(str(f)).name.startswith("LICENSE")]
+        return next((p for p in found if p.is_file()), None)
+    try:
+        directory = locate(base_model)
+    except FtxError:
+        return None
+    return next((p for p in sorted(Path(directory).glob("LICENSE*")) if p.is_file()), None)
+
+
 def packaged_gguf(name: str) -> Path:
     pkg, fname = PACKAGED[name]
     spec = importlib.util.find_spec(pkg)
@@ -39,13 +58,22 @@ def packaged_gguf(name: str) -> Path:
 
 
 def resolve(base_model: str) -> Path:
-    """Return a local HF model directory for `base_model` (a packaged name or a local directory)."""
+    """Return a local HF model directory for `base_model` (a packaged name, a local directory, a hub id in the local
+    Hugging Face cache); a packaged model is converted once."""
     if base_model in PACKAGED:
         gguf = packaged_gguf(base_model)
         dest = cache_root() / "models" / f"{base_model}-{sha256_file(gguf)[:12]}"
         if not (dest / "config.json").exists():
             convert_gguf_to_hf(gguf, dest)
         return dest
+    return locate(base_model)
+
+
+def locate(base_model: str) -> Path:
+    """Where `base_model` is, without converting anything: the packaged GGUF, or the HF directory. An FtxError
+    says what to do when it is nowhere here (ftx never downloads)."""
+    if base_model in PACKAGED:
+        return packaged_gguf(base_model)
     path = Path(base_model).expanduser()
     if (path / "config.json").exists():
         return path

@@ -76,3 +76,29 @@ def write_json(path: Path, obj: Any) -> None:
 
 def read_json(path: Path) -> Any:
     return json.loads(Path(path).read_text())
+
+
+def writable(path: Path) -> str | None:
+    """Why `path` cannot hold output (None: it can). Probes by creating it and a temporary file in it, and removes
+    whatever the probe created, so a failed check leaves nothing behind."""
+    path = Path(path).absolute()
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{existing} is not a directory"
+    created = []
+    try:
+        for p in reversed([path, *path.parents]):
+            if not p.exists():
+                p.mkdir()
+                created.append(p)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        return e.strerror or str(e)
+    finally:
+        for p in reversed(created):
+            with contextlib.suppress(OSError):
+                p.rmdir()
+    return None

@@ -42,12 +42,15 @@ def render(tokenizer, messages: list[dict], max_seq_len: int) -> dict:
     For each assistant turn i, the conversation before it is rendered with `add_generation_prompt=True`
     and the conversation up to and including it without; the tokens between the two are that turn's reply
     (with its end-of-turn token). The chat template must render each shorter conversation as a prefix of the
-    longer one, otherwise the mask would be wrong; that is checked.
+    longer one, otherwise the mask would be wrong; that is checked. An assistant turn with `weight: 0` (OpenAI's
+    fine-tuning format) is context, not a target.
     """
+    weights = [m.get("weight", 1) for m in messages]
+    messages = [{"role": m["role"], "content": m["content"]} for m in messages]
     full = _ids(tokenizer.apply_chat_template(messages, tokenize=True))
     labels = [-100] * len(full)
     for i, m in enumerate(messages):
-        if m["role"] != "assistant":
+        if m["role"] != "assistant" or weights[i] == 0:
             continue
         before = prompt_ids(tokenizer, messages[:i])
         upto = _ids(tokenizer.apply_chat_template(messages[: i + 1], tokenize=True))

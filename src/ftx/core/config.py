@@ -52,6 +52,21 @@ class InputDir(InputPath):
     kind = "dir"
 
 
+class OutputDir(type(Path())):
+    """A directory a config writes to: resolved like an input path (relative to the YAML file, to the working
+    directory from the command line) but not required to exist, and not hashed."""
+
+    @classmethod
+    def __get_pydantic_core_schema__(cls, source, handler):
+        from pydantic_core import core_schema
+
+        return core_schema.no_info_after_validator_function(cls, handler(Path))
+
+    @classmethod
+    def __get_pydantic_json_schema__(cls, schema, handler):
+        return {"type": "string", "format": "directory"}
+
+
 class HardwareFile(InputFile):
     packaged = "hardware"
 
@@ -93,6 +108,8 @@ def key_dump(obj: Any) -> Any:
         return out
     if isinstance(obj, InputPath):
         return "<input>"
+    if isinstance(obj, OutputDir):
+        return "<output>"
     if isinstance(obj, dict):
         return {str(k): key_dump(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
@@ -123,8 +140,7 @@ class Loaded:
         """An existing path: relative to the YAML file's directory (to the working directory when the key came from
         the command line), or a packaged resource named by its stem."""
         value = Path(value).expanduser()
-        from_cli = any(loc[:n] in self.overridden for n in range(len(loc), 0, -1))
-        full = value if value.is_absolute() else ((Path.cwd() if from_cli else self.path.parent) / value).resolve()
+        full = value if value.is_absolute() else (self.base(loc) / value).resolve()
         if not full.exists() and packaged and not value.is_absolute() and len(value.parts) == 1:
             from . import resources
 
@@ -135,10 +151,22 @@ class Loaded:
             raise self.fail(loc, f"{'path' if kind == 'path' else kind} not found: {full}")
         return full
 
+    def base(self, loc: tuple) -> Path:
+        """What a relative path at `loc` is relative to: the working directory for a command-line value, else the
+        YAML file's directory."""
+        from_cli = any(loc[:n] in self.overridden for n in range(len(loc), 0, -1))
+        return Path.cwd() if from_cli or not self.path.is_file() else self.path.parent
+
     def resolve_inputs(self) -> None:
-        """Resolve and check every InputPath of the model in place."""
+        """Resolve and check every InputPath of the model in place (and resolve every OutputDir)."""
         for loc, value, container, key in list(walk(self.model)):
-            if isinstance(value, InputPath):
+            if isinstance(value, OutputDir):
+                full = OutputDir((self.base(loc) / Path(value).expanduser()).resolve())
+                if isinstance(container, BaseModel):
+                    object.__setattr__(container, key, full)
+                else:
+                    container[key] = full
+            elif isinstance(value, InputPath):
                 full = type(value)(self.resolve(loc, value, value.kind, value.packaged))
                 if isinstance(container, BaseModel):
                     object.__setattr__(container, key, full)

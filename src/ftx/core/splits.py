@@ -9,11 +9,11 @@ import random
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .config import InputFile
 from .errors import FtxError
-from .rows import FORMATS, load
+from .rows import ALPACA_TEMPLATE, FORMATS, Options, load
 
 
 class DataSource(BaseModel):
@@ -23,6 +23,16 @@ class DataSource(BaseModel):
     path: InputFile = Field(description="the dataset (.jsonl, .json, .csv, .parquet), relative to the recipe")
     heldout: InputFile | None = Field(None, description="prompts never trained on, for base vs fine-tuned comparison")
     format: Literal[FORMATS] = Field("auto", description="row format; auto: detected from the first row")
+    encoding: str = Field(
+        "utf-8",
+        description="the files' text encoding (utf-8 skips a byte order mark; e.g. "
+        "latin-1, cp1252, utf-16 for files that cannot be re-saved)",
+    )
+    alpaca_template: str = Field(
+        ALPACA_TEMPLATE,
+        description="alpaca rows: the user turn when `input` is not "
+        "empty, from {instruction} and {input} (when it is empty: the instruction alone)",
+    )
     on_error: Literal["fail", "skip"] = Field("fail", description="a bad row stops the run, or is dropped and counted")
     dedupe: bool = Field(True, description="drop exact and whitespace/case-normalized duplicate rows")
     near_dup_threshold: float | None = Field(
@@ -36,6 +46,31 @@ class DataSource(BaseModel):
     val_fraction: float = Field(0.1, gt=0, lt=1, description="share of rows held out for validation")
     test_fraction: float = Field(0.1, ge=0, lt=1, description="share of rows held out as a test split")
     seed: int = Field(0, description="seed of the split")
+
+    @field_validator("encoding")
+    @classmethod
+    def _known_encoding(cls, v: str) -> str:
+        import codecs
+
+        try:
+            codecs.lookup(v)
+        except LookupError:
+            raise ValueError(f"unknown encoding {v!r} (e.g. utf-8, latin-1, cp1252, utf-16)") from None
+        return v
+
+    @field_validator("alpaca_template")
+    @classmethod
+    def _template_fields(cls, v: str) -> str:
+        if "{instruction}" not in v or "{input}" not in v:
+            raise ValueError("must contain {instruction} and {input}")
+        try:
+            v.format(instruction="", input="")
+        except (KeyError, IndexError, ValueError) as e:
+            raise ValueError(f"not a valid template ({e}); write literal braces as {{{{ }}}}") from None
+        return v
+
+    def options(self) -> Options:
+        return Options(encoding=self.encoding, alpaca_template=self.alpaca_template)
 
 
 def _norm(text: str) -> str:
@@ -170,7 +205,7 @@ def remove_leakage(
 
 def prepare(cfg: DataSource) -> tuple[dict[str, list[dict]], dict]:
     """Load, validate, dedupe, split and leakage-check; returns the splits and the facts for the report."""
-    examples, report = load(cfg.path, cfg.format, cfg.on_error)
+    examples, report = load(cfg.path, cfg.format, cfg.on_error, options=cfg.options())
     reports = [report]
     dups = {"exact": 0, "normalized": 0}
     if cfg.dedupe:
@@ -178,7 +213,7 @@ def prepare(cfg: DataSource) -> tuple[dict[str, list[dict]], dict]:
     train, val, test = split(examples, cfg.val_fraction, cfg.test_fraction, cfg.seed)
     heldout = []
     if cfg.heldout:
-        heldout, held_report = load(cfg.heldout, cfg.format, cfg.on_error)
+        heldout, held_report = load(cfg.heldout, cfg.format, cfg.on_error, options=cfg.options())
         reports.append(held_report)
     (val, test, heldout), leaked, near = remove_leakage(
         train, val, test, heldout, near_dup_threshold=cfg.near_dup_threshold

@@ -53,12 +53,26 @@ def track_usage(interval: float = 0.2) -> Iterator[Usage]:
         usage.peak_rss_mb = peak[0] / 2**20
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident set size. Linux: VmHWM, the high-water mark of this program's memory. Not
+    getrusage's ru_maxrss: Linux carries that figure over from the parent across fork + exec, so a process started
+    by a large one (a test runner holding models) reports the parent's peak as its own."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def peak_memory_mb(device: str) -> float:
     """Peak GPU memory allocated by torch on CUDA; peak resident set size of this process on CPU."""
     if device == "cuda":
         import torch
 
         return torch.cuda.max_memory_allocated() / 2**20
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return peak_rss_mb()

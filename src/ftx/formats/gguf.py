@@ -37,6 +37,9 @@ class GgufSettings(BaseModel):
         description="quantize with an importance matrix (llama-imatrix) computed on the "
         "training conversations (never on the gate's evaluation text)",
     )
+    imatrix_chunks: int | None = Field(
+        None, ge=1, description="imatrix: at most this many 128-token chunks of the training conversations (all: null)"
+    )
 
 
 def metadata(name: str, lineage: str | None, base_model: str | None) -> dict:
@@ -102,11 +105,9 @@ class Gguf(Format):
             calib.parent.mkdir(exist_ok=True)
             calib.write_text("\n".join(calibration))
             imatrix = out / "imatrix.gguf"
-            gguf.run_tool(
-                "llama-imatrix",
-                ["-m", reference, "-f", calib, "-o", imatrix, "-c", 128, "-t", os.cpu_count() or 1],
-                out / "tools.log",
-            )
+            chunks = ["--chunks", settings.imatrix_chunks] if settings.imatrix_chunks else []
+            args = ["-m", reference, "-f", calib, "-o", imatrix, "-c", 128, *chunks, "-t", os.cpu_count() or 1]
+            gguf.run_tool("llama-imatrix", args, out / "tools.log")
         for q in settings.quants:
             dst = out / f"model-{q}.gguf"
             quantize(reference, dst, q, imatrix)

@@ -33,7 +33,7 @@ class GgufLoraStep(Step):
     def run(self, value: bool, job: Job) -> LoraGguf:
         from ..core import gguf
         from ..core.models import compare_logits
-        from .modelfile import write
+        from .modelfile import runtime, write
 
         if job.base_dir is None or job.adapter_dir is None:
             raise FtxError("export.lora_adapter needs the base model and the adapter (run it from a recipe)")
@@ -46,8 +46,17 @@ class GgufLoraStep(Step):
                 f"llama.cpp base + {adapter_gguf.name} agrees with the HF model on only "
                 f"{cmp['top1_agreement']:.1%} of validation tokens (< export.min_top1_agreement)"
             )
+        mf = getattr(job.cfg, "modelfile", None)  # the Modelfile settings apply to Modelfile.adapter too
+        rt = runtime(job.base_dir, mf.num_ctx if mf else None, mf.parameters if mf else {}, job.num_ctx)
         proof = write(
-            job.tok, job.base_dir, base_gguf, job.name, job.num_ctx, job.out / "Modelfile.adapter", adapter=adapter_gguf
+            job.tok,
+            job.base_dir,
+            base_gguf,
+            job.name,
+            rt["num_ctx"],
+            job.out / "Modelfile.adapter",
+            adapter=adapter_gguf,
+            parameters=rt["parameters"],
         )
         return LoraGguf(
             base_file=base_gguf.name,

@@ -12,7 +12,8 @@ without a system prompt, content holding template markup) three ways and compare
 
 The first family whose ids match on every conversation is written, with SYSTEM (the default system prompt
 the HF template injects, if any), PARAMETER stop (EOS ids of the tokenizer and generation_config, plus the
-family's end-of-turn token when it is a token of this vocabulary), num_ctx (training sequence length) and
+family's end-of-turn token when it is a token of this vocabulary), num_ctx (the model's context length, or the
+setting) and sampling PARAMETERs (the model's generation_config, or the settings), and
 ADAPTER (GGUF LoRA). No family proven -> no Modelfile, and the proof says which renderer differed where.
 Conversations the model's own template rejects (Gemma: system messages) are listed as skipped.
 """
@@ -28,10 +29,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..core import resources
 from ..core.cache import cache_root
+from ..core.config import InputDir, InputFile
 from ..core.errors import FtxError
 from .base import Job, Step
 
@@ -294,6 +296,7 @@ def render_modelfile(
     stops: list[str],
     file_name: str,
     adapter: str | None = None,
+    parameters: dict | None = None,
 ) -> str:
     from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
@@ -313,6 +316,7 @@ def render_modelfile(
         system=proof.system,
         stops=stops,
         num_ctx=num_ctx,
+        parameters=parameters or {},
         file=file_name,
         checked=len([r for r in proof.rows if r.status == "same"]),
     )
@@ -340,6 +344,7 @@ def write(
     dst: Path,
     adapter: Path | None = None,
     log: Path | None = None,
+    parameters: dict | None = None,
 ) -> Proof:
     """Prove the template against llama.cpp serving `gguf` (with `adapter`), then write `dst` and
     `dst`.proof.json. Unproven: only the proof file, which says why."""
@@ -363,14 +368,108 @@ def write(
             stop_tokens(tok, model_dir, proof.family),
             dst.name,
             rel(adapter) if adapter else None,
+            parameters,
         )
         atomic_write_text(dst, text)
     return proof
 
 
+# Ollama's PARAMETER names a Modelfile may set (num_ctx and stop are written by ftx itself)
+OLLAMA_PARAMETERS = (
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "repeat_penalty",
+    "repeat_last_n",
+    "seed",
+    "num_predict",
+    "mirostat",
+    "mirostat_eta",
+    "mirostat_tau",
+)
+# generation_config.json keys -> Ollama PARAMETER names: the model's own sampling defaults
+GENERATION_DEFAULTS = {
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "top_k": "top_k",
+    "min_p": "min_p",
+    "repetition_penalty": "repeat_penalty",
+}
+
+
+def runtime(model_dir: Path | None, num_ctx: int | None, parameters: dict, fallback_ctx: int | None) -> dict:
+    """num_ctx and sampling PARAMETERs of a Modelfile, with where each came from: num_ctx from the setting, else the
+    model's context length (config.json), else `fallback_ctx`; sampling from the model's generation_config, with
+    the settings over it (nothing set: Ollama's defaults)."""
+    config = (
+        json.loads((Path(model_dir) / "config.json").read_text())
+        if model_dir and (Path(model_dir) / "config.json").is_file()
+        else {}
+    )
+    if num_ctx:
+        ctx, source = num_ctx, "export.modelfile.num_ctx"
+    elif config.get("max_position_embeddings"):
+        ctx, source = int(config["max_position_embeddings"]), "the model's context length"
+    elif fallback_ctx:
+        ctx, source = fallback_ctx, "the training sequence length"
+    else:
+        ctx, source = 2048, "Ollama's default context"
+    gen_file = Path(model_dir) / "generation_config.json" if model_dir else None
+    gen = json.loads(gen_file.read_text()) if gen_file and gen_file.is_file() else {}
+    params = {ollama: gen[k] for k, ollama in GENERATION_DEFAULTS.items() if gen.get(k) is not None}
+    params.update(parameters)
+    return {
+        "num_ctx": ctx,
+        "num_ctx_source": source,
+        "parameters": params,
+        "parameters_source": (
+            "export.modelfile.parameters"
+            if parameters
+            else "the model's generation_config"
+            if params
+            else "Ollama's defaults"
+        ),
+    }
+
+
+class ModelfileJob(BaseModel):
+    """`ftx modelfile`."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: InputDir = Field(description="HF model directory (tokenizer, chat template, generation_config)")
+    gguf: InputFile = Field(description="the GGUF the Modelfile's FROM names")
+    adapter: InputFile | None = Field(None, description="a GGUF LoRA adapter (ADAPTER line)")
+    name: str = Field("model", description="model name")
+    num_ctx: int | None = Field(None, ge=256, description="context window (default: the model's context length)")
+    parameters: dict[str, float | int | str] = Field(
+        default_factory=dict, description="Ollama sampling PARAMETERs over the model's generation_config defaults"
+    )
+    out: Path | None = Field(None, description="default: Modelfile next to the GGUF")
+
+
 class ModelfileSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
     quant: str = Field("auto", description="the GGUF the Modelfile's FROM names; auto: the one the gate selected")
+    num_ctx: int | None = Field(
+        None,
+        ge=256,
+        description="context window Ollama gives the model (default: the model's context length from its config.json)",
+    )
+    parameters: dict[str, float | int | str] = Field(
+        default_factory=dict,
+        description="Ollama sampling PARAMETERs "
+        "(temperature, top_p, top_k, repeat_penalty, ...) over the "
+        "model's generation_config defaults",
+    )
+
+    @field_validator("parameters")
+    @classmethod
+    def _ollama_names(cls, params: dict) -> dict:
+        bad = [k for k in params if k not in OLLAMA_PARAMETERS]
+        if bad:
+            raise ValueError(f"{bad[0]!r} is not an Ollama PARAMETER ({', '.join(OLLAMA_PARAMETERS)})")
+        return params
 
 
 class ModelfileResult(BaseModel):
@@ -378,6 +477,10 @@ class ModelfileResult(BaseModel):
     gguf: str
     family: str | None = None
     note: str | None = Field(None, description="why no Modelfile was written (the template proof failed)")
+    num_ctx: int | None = None
+    num_ctx_source: str | None = None
+    parameters: dict = Field(default_factory=dict)
+    parameters_source: str | None = None
 
 
 class ModelfileStep(Step):
@@ -401,17 +504,29 @@ class ModelfileStep(Step):
 
         quant = job.selected if value.quant == "auto" else value.quant
         gguf = job.out / next(f.file for f in job.files if f.name == quant)
+        rt = runtime(job.model_dir, value.num_ctx, value.parameters, job.num_ctx)
         with Console(stderr=True).status(f"Modelfile: proving the chat template on {gguf.name}"):
-            proof = write(job.tok, job.model_dir, gguf, job.name, job.num_ctx, job.out / "Modelfile")
+            proof = write(
+                job.tok,
+                job.model_dir,
+                gguf,
+                job.name,
+                rt["num_ctx"],
+                job.out / "Modelfile",
+                parameters=rt["parameters"],
+            )
         return ModelfileResult(
-            file="Modelfile" if proof.proven else None, gguf=gguf.name, family=proof.family, note=proof.reason
+            file="Modelfile" if proof.proven else None, gguf=gguf.name, family=proof.family, note=proof.reason, **rt
         )
 
     def card(self, r: dict, recipe: str) -> str:
         if not r["file"]:
             return f"No Modelfile: {r['note']}"
+        params = ", ".join(f"{k} {v}" for k, v in r.get("parameters", {}).items()) or "none set"
         return (
             f"Ollama: `ollama create {recipe} -f Modelfile` (in this directory; FROM `{r['gguf']}`). Its TEMPLATE "
             f"is the {r['family']} family, proven: the HF chat template, the TEMPLATE under Go text/template and "
-            "llama.cpp give the same token ids on every test conversation (Modelfile.proof.json)."
+            "llama.cpp give the same token ids on every test conversation (Modelfile.proof.json). "
+            f"num_ctx {r.get('num_ctx')} ({r.get('num_ctx_source')}); sampling: {params} "
+            f"({r.get('parameters_source')})."
         )

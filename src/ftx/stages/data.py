@@ -6,11 +6,13 @@ from __future__ import annotations
 
 from collections import Counter
 from pathlib import Path
+from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from ..core.chat import render_example, write_jsonl
-from ..core.rows import LoadReport
+from ..core.config import InputFile
+from ..core.rows import ALPACA_TEMPLATE, FORMATS, LoadReport
 from ..core.splits import DataSource, prepare
 from ..stage import Stage
 
@@ -21,6 +23,65 @@ class DataConfig(DataSource):
         ge=16,
         description="tokens per training row (longer rows are truncated); also the Modelfile's default context",
     )
+
+
+class RowsJob(BaseModel):
+    """How `ftx data` reads files (the same settings as a recipe's `data:` section)."""
+
+    model_config = ConfigDict(extra="forbid")
+    format: Literal[FORMATS] = Field("auto", description="row format; auto: detected from the first row")
+    encoding: str = Field("utf-8", description="the files' text encoding")
+    alpaca_template: str = Field(
+        ALPACA_TEMPLATE, description="alpaca rows: the user turn from {instruction} and {input}"
+    )
+
+    def options(self):
+        from ..core.rows import Options
+
+        return Options(encoding=self.encoding, alpaca_template=self.alpaca_template)
+
+
+class ValidateJob(RowsJob):
+    files: list[InputFile] = Field(min_length=1, description="dataset files (.jsonl, .json, .csv, .parquet)")
+    on_error: Literal["fail", "skip"] = Field(
+        "skip", description="skip: report every bad row and the drop counts; fail: stop at the first"
+    )
+
+
+class SplitJob(DataSource):
+    out: Path = Field(description="directory for train/val/test.jsonl and report.json")
+
+
+class ConvertJob(RowsJob):
+    path: InputFile = Field(description="a dataset file of chat-like rows (chat, sharegpt, alpaca, completion)")
+    to: Literal["chat"] = Field("chat", description="the format to write")
+    out: Path = Field(description="the converted JSONL file")
+
+
+class InspectJob(RowsJob):
+    path: InputFile = Field(description="a dataset file")
+    base_model: str = Field("smollm2-135m-instruct", description="whose tokenizer and chat template")
+    max_seq_len: int = Field(512, ge=16, description="the training sequence length to compare against")
+    png: Path | None = Field(None, description="write a token-length histogram here")
+    examples: int = Field(2, ge=0, description="rendered rows to show")
+
+
+def convert(job: ConvertJob) -> int:
+    """`ftx data convert`: rows in any chat-like format -> chat rows ({"messages": [...]}, weights kept)."""
+    from ..core.cache import atomic_write_text
+    from ..core.errors import FtxError
+    from ..core.rows import CHAT_FORMATS, load
+
+    examples, report = load(job.path, job.format, "fail", options=job.options())
+    if report.format not in CHAT_FORMATS:
+        raise FtxError(
+            f"{report.format} rows are not conversations; --to chat converts {', '.join(CHAT_FORMATS)} rows",
+            where=str(job.path),
+        )
+    import json
+
+    atomic_write_text(job.out, "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in examples))
+    return len(examples)
 
 
 class DataResult(BaseModel):
@@ -135,7 +196,7 @@ def show(job, console) -> None:
     from ..core import basemodel
     from ..core.rows import load
 
-    examples, report = load(job.path, job.format, "fail")
+    examples, report = load(job.path, job.format, "fail", options=job.options())
     tok = AutoTokenizer.from_pretrained(basemodel.resolve(job.base_model))
     st = inspect(examples, tok, job.max_seq_len)
     table = Table(title=f"{job.path} ({report.format}, {st['rows']} rows)")

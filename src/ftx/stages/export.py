@@ -12,6 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 
+from ..core.config import InputDir, InputFile
 from ..core.errors import FtxError
 from ..formats import FORMATS
 from ..formats.gate import QualityGate
@@ -66,6 +67,24 @@ ExportConfig = create_model(
     },
     **{s.name: (s.settings, Field(s.default, description=s.description)) for s in STEPS},
 )
+
+
+class ExportJob(ExportConfig):
+    """`ftx export`: the export settings plus the model and files it reads and where it writes."""
+
+    model: InputDir = Field(description="the merged HF model directory")
+    val: InputFile = Field(description="JSONL conversations: top-1 check vs HF and the quality gate's text")
+    heldout: InputFile | None = Field(None, description="more evaluation conversations for the quality gate")
+    out: Path = Field(description="output directory")
+    name: str = Field("model", description="model name (GGUF metadata, Modelfile)")
+    bundle: Path | None = Field(
+        None,
+        description="also write a self-contained folder to ship (GGUF, Modelfile, proof, "
+        "export.json, model card, license, SHA256SUMS)",
+    )
+    calibration: InputFile | None = Field(None, description="conversations (JSONL) for the importance matrix")
+    adapter: InputDir | None = Field(None, description="lora_adapter: the peft adapter to export as a GGUF LoRA")
+    base: str | None = Field(None, description="lora_adapter: the adapter's base model (packaged name or HF dir)")
 
 
 class ExportFile(BaseModel):
