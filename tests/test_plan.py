@@ -31,7 +31,7 @@ def test_parameter_counts_match_the_real_models(smol):
 
 
 def test_terms_move_the_right_way():
-    base = dict(model="meta-llama/Llama-3.1-8B-Instruct", seq_len=2048, batch_size=1)
+    base = dict(model="meta-llama/Llama-3.1-8B-Instruct", seq_len=2048, batch_size=1, device="cuda")  # a 4090
     q = plan.plan(plan.PlanConfig(**base, method="qlora", gradient_checkpointing=True))
     lo = plan.plan(plan.PlanConfig(**base, method="lora", gradient_checkpointing=True))
     full = plan.plan(plan.PlanConfig(**base, method="full", gradient_checkpointing=True))

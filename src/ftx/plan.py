@@ -246,14 +246,13 @@ def measure(
 
 
 def _child(spec_json: str) -> None:
-    from .core.usage import peak_rss_mb
-
     import torch
     import transformers  # noqa: F401  (imported before the baseline reading, like a real run)
     import trl  # noqa: F401
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     from .core.models import load_base
+    from .core.usage import peak_rss_mb
 
     spec = json.loads(spec_json)
     baseline = peak_rss_mb()
