@@ -77,7 +77,9 @@ def test_modelfile(quickstart_run):
     mf = (run_dir / "Modelfile").read_text()
     ex = quickstart_run["card"]["export"]
     assert f"FROM ./model-{ex['selected']}.gguf" in mf and (run_dir / f"model-{ex['selected']}.gguf").exists()
-    assert 'PARAMETER stop "<|im_end|>"' in mf and "PARAMETER num_ctx 512" in mf
+    assert 'PARAMETER stop "<|im_end|>"' in mf and "PARAMETER num_ctx 8192" in mf  # the model's context length
+    assert ex["packaging"]["modelfile"]["num_ctx_source"] == "the model's context length"
+    assert "PARAMETER temperature" not in mf  # SmolLM2's generation_config sets no sampling: Ollama's defaults
     assert "<|im_start|>{{ .Role }}" in mf and "{{ .Content }}<|im_end|>" in mf
     proof = json.loads((run_dir / "Modelfile.proof.json").read_text())
     assert proof["proven"] and proof["family"] == "chatml"

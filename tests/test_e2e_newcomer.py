@@ -79,7 +79,8 @@ def test_own_latin1_csv_to_bundle_to_served(tmp_path):
     assert run_dir.parent.parent == tmp_path / "runs"  # output_dir relative to the recipe
     card = json.loads((run_dir / "run_card.json").read_text())
     assert card["data"]["load"][0]["format"] == "alpaca" and card["data"]["heldout_rows"] == 4
-    assert "über 101" in json.dumps(card["eval"]["samples"], ensure_ascii=False)  # Latin-1 text read as text
+    samples = json.dumps(card["eval"]["samples"], ensure_ascii=False)
+    assert "café 100" in samples and "CAFÉ 100" in samples and "über 102" in samples  # Latin-1 text read as text
     # the bundle: real files, the proven Modelfile, the run card that names it, the license, checksums that verify
     ship = tmp_path / "ship"
     assert card["bundle"]["dir"] == str(ship)

@@ -6,11 +6,9 @@ link. Written to a temp dir and renamed into place."""
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 
-from .core.cache import atomic_dir, sha256_file
+from .core.cache import atomic_dir, link_or_copy, sha256_file
 
 
 def export_files(export_dir: Path, result: dict) -> dict[str, Path]:
@@ -52,20 +50,12 @@ def license_text(base_model: str | None, spdx: str | None, model_dir: Path | Non
     return None
 
 
-def _place(src: Path, dst: Path) -> None:
-    src = Path(src).resolve()
-    try:
-        os.link(src, dst)  # GGUFs are immutable: a hard link is a real file, free to make
-    except OSError:
-        shutil.copy2(src, dst)
-
-
 def write(dest: Path, files: dict[str, Path], texts: dict[str, str]) -> dict:
     """Write the bundle (files placed, texts written) with SHA256SUMS; returns what it holds."""
     dest = Path(dest)
     with atomic_dir(dest) as tmp:
         for name, src in files.items():
-            _place(src, tmp / name)
+            link_or_copy(Path(src).resolve(), tmp / name)
         for name, text in texts.items():
             (tmp / name).write_text(text)
         names = sorted(p.name for p in tmp.iterdir())

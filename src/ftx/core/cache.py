@@ -102,3 +102,11 @@ def writable(path: Path) -> str | None:
             with contextlib.suppress(OSError):
                 p.rmdir()
     return None
+
+
+def link_or_copy(src: Path, dst: Path) -> None:
+    """A hard link to an immutable file (a GGUF, a cached conversion), or a copy across file systems."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)

@@ -73,15 +73,18 @@ def decode(path: Path, encoding: str = "utf-8") -> str:
     """A text file's content; a UTF-8 byte order mark is skipped. A byte the encoding cannot read is one error
     naming the file, the line and the byte offset, and what to do."""
     raw = Path(path).read_bytes()
-    utf8 = encoding.lower().replace("_", "-") in ("utf-8", "utf8")
+    name = encoding.lower().replace("_", "-")
+    utf8 = name in ("utf-8", "utf8")
     if utf8 and raw[:2] in (b"\xff\xfe", b"\xfe\xff"):
         raise FtxError(
             "the file is UTF-16 (it starts with a UTF-16 byte order mark); save it as UTF-8, or set "
             "data.encoding: utf-16",
             where=f"{path}:1",
         )
+    if raw.startswith(b"\xef\xbb\xbf") and not name.startswith(("utf-16", "utf-32")):
+        raw = raw[3:]  # a UTF-8 byte order mark: spreadsheet programs write one, whatever the text's encoding
     try:
-        return raw.decode("utf-8-sig" if utf8 else encoding)
+        return raw.decode(encoding)
     except UnicodeDecodeError as e:
         line = raw.count(b"\n", 0, e.start) + 1
         raise FtxError(

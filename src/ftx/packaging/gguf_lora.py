@@ -4,6 +4,8 @@ the HF model's (the merged model, itself proven equal to base+adapter in peft by
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic import BaseModel, Field
 
 from ..core.errors import FtxError
@@ -20,6 +22,21 @@ class LoraGguf(BaseModel):
     modelfile_note: str | None = None
 
 
+def base_f16(base_dir: Path) -> Path:
+    """The base model as an f16 GGUF, converted once per base model (content hash) and converter version into the
+    machine cache: every export of an adapter of the same base shares it."""
+    from ..core import gguf
+    from ..core.cache import atomic_dir, cache_root, sha256_tree, stable_hash
+    from ..core.llamacpp import LLAMA_CPP_PYTHON_VERSION
+
+    key = stable_hash({"base": sha256_tree(base_dir), "converter": LLAMA_CPP_PYTHON_VERSION})[:16]
+    dest = cache_root() / "gguf" / key
+    if not (dest / "base-f16.gguf").is_file():
+        with atomic_dir(dest) as tmp:
+            gguf.convert_hf(base_dir, tmp / "base-f16.gguf", "f16", Path(base_dir).name)
+    return dest / "base-f16.gguf"
+
+
 class GgufLoraStep(Step):
     name = "lora_adapter"
     settings = bool
@@ -32,13 +49,14 @@ class GgufLoraStep(Step):
 
     def run(self, value: bool, job: Job) -> LoraGguf:
         from ..core import gguf
+        from ..core.cache import link_or_copy
         from ..core.models import compare_logits
         from .modelfile import runtime, write
 
         if job.base_dir is None or job.adapter_dir is None:
             raise FtxError("export.lora_adapter needs the base model and the adapter (run it from a recipe)")
         base_gguf, adapter_gguf = job.out / "base-f16.gguf", job.out / "adapter-f16.gguf"
-        gguf.convert_hf(job.base_dir, base_gguf, "f16", f"{job.name}-base")
+        link_or_copy(base_f16(job.base_dir), base_gguf)
         gguf.convert_lora(job.adapter_dir, job.base_dir, adapter_gguf)
         cmp = compare_logits(gguf.logits(base_gguf, job.seqs, lora=adapter_gguf), job.ref_logits)
         if cmp["top1_agreement"] < job.cfg.min_top1_agreement:

@@ -70,28 +70,33 @@ def to_trl(ex: dict) -> dict:
     }
 
 
-def reply_logp(model, tok, prompt: list[dict], reply: str, max_seq_len: int) -> float:
-    """Sum of log-probabilities of the reply tokens after the prompt (chat template applied)."""
+def reply_logps(model, tok, items: list[tuple[list[dict], str]], max_seq_len: int, batch_size: int = 16) -> list[float]:
+    """Sum of log-probabilities of each reply's tokens after its prompt (chat template applied), in padded batches
+    (right padding: the causal mask keeps the padding out of every real position)."""
     import torch
 
     from ..core import chat
 
-    r = chat.render(tok, prompt + [{"role": "assistant", "content": reply}], max_seq_len)
-    ids = torch.tensor([r["input_ids"]], device=model.device)
-    labels = torch.tensor(r["labels"][1:], device=model.device)
+    rows = [chat.render(tok, p + [{"role": "assistant", "content": r}], max_seq_len) for p, r in items]
+    out = []
     with torch.no_grad():
-        logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
-    keep = labels != -100
-    return float(logp[keep].gather(-1, labels[keep][:, None]).sum())
+        for i in range(0, len(rows), batch_size):
+            b = {k: v.to(model.device) for k, v in chat.collate(rows[i : i + batch_size], tok.pad_token_id).items()}
+            logp = torch.log_softmax(
+                model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits.float(), -1
+            )
+            labels = b["labels"][:, 1:]
+            picked = logp[:, :-1].gather(-1, labels.clamp(min=0)[..., None])[..., 0]
+            out += (picked * (labels != -100)).sum(-1).tolist()
+    return out
 
 
 def preference_margins(model, tok, pairs: list[dict], max_seq_len: int) -> tuple[float, float]:
     """(share of pairs with logp(chosen) > logp(rejected), mean margin)."""
-    margins = [
-        reply_logp(model, tok, p["prompt"], p["chosen"], max_seq_len)
-        - reply_logp(model, tok, p["prompt"], p["rejected"], max_seq_len)
-        for p in pairs
-    ]
+    logps = reply_logps(
+        model, tok, [(p["prompt"], r) for p in pairs for r in (p["chosen"], p["rejected"])], max_seq_len
+    )
+    margins = [c - r for c, r in zip(logps[::2], logps[1::2])]
     return sum(m > 0 for m in margins) / len(margins), sum(margins) / len(margins)
 
 
@@ -176,7 +181,7 @@ def run(
         logging_steps=1,
         eval_strategy="steps",
         eval_steps=cfg.eval_every,
-        eval_on_start=True,
+        eval_on_start=False,  # at step 0 the policy is the reference: trl's rewards are 0 and the loss log 2
         save_strategy="no",
         report_to=[],
         seed=cfg.seed,
