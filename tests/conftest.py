@@ -52,11 +52,46 @@ def ftx_run(out, *extra):
     return run_dir, json.loads((run_dir / "manifest.json").read_text())
 
 
+_background = {}  # the shared quickstart run, started at collection when the session has e2e tests
+
+
+def pytest_collection_modifyitems(items):
+    """The unit tier first, then the end-to-end tests (each group in file order): the shared quickstart run
+    works in the background while the unit tests run, so its 5 minutes overlap theirs."""
+    items.sort(key=lambda item: item.get_closest_marker("e2e") is not None)
+
+
+def pytest_collection_finish(session):
+    e2e = any(item.get_closest_marker("e2e") for item in session.items)
+    if not e2e or session.config.option.collectonly or os.environ.get("FTX_TEST_NO_BACKGROUND"):
+        return
+    out = session.config._tmp_path_factory.mktemp("e2e") / "runs"
+    log = out.parent / "quickstart.log"
+    err = out.parent / "quickstart.err"
+    with open(log, "w") as so, open(err, "w") as se:  # the child keeps its own copies of the descriptors
+        proc = subprocess.Popen(ftx_cmd(out), stdout=so, stderr=se)
+    _background.update(out=out, proc=proc, log=log, err=err)
+
+
+def pytest_sessionfinish(session):
+    proc = _background.get("proc")
+    if proc is not None and proc.poll() is None:  # interrupted before the e2e tier: stop the pipeline
+        proc.kill()
+        proc.wait()
+
+
 @pytest.fixture(scope="session")
 def quickstart_run(tmp_path_factory):
-    """The quickstart recipe end to end through the CLI (fewer steps): every e2e module starts from it."""
-    out = tmp_path_factory.mktemp("e2e") / "runs"
-    run_dir, manifest = ftx_run(out)
+    """The quickstart recipe end to end through the CLI (fewer steps): every e2e module starts from it. Started
+    at collection (see pytest_collection_finish) when possible, else here."""
+    if _background:
+        out, proc = _background["out"], _background["proc"]
+        assert proc.wait(timeout=2400) == 0, _background["err"].read_text()[-4000:]
+        run_dir = Path(_background["log"].read_text().strip().splitlines()[-1]).parent
+        manifest = json.loads((run_dir / "manifest.json").read_text())
+    else:
+        out = tmp_path_factory.mktemp("e2e") / "runs"
+        run_dir, manifest = ftx_run(out)
     card = json.loads((run_dir / "run_card.json").read_text())
     return {"out": out, "dir": run_dir, "manifest": manifest, "card": card}
 

@@ -73,16 +73,16 @@ def test_dpo_after_sft_widens_the_preference_margin(quickstart_run, hf, base_dir
     run_dir, manifest = ftx_run(
         quickstart_run["out"],
         f"dpo.data.path={prefs}",
-        "dpo.max_steps=6",
-        "dpo.eval_every=6",
-        "dpo.learning_rate=2e-4",
+        "dpo.max_steps=4",
+        "dpo.eval_every=4",
+        "dpo.learning_rate=3e-4",
         "--until",
         "dpo",
     )
     assert manifest["stages"]["train"]["cached"] and not manifest["stages"]["dpo"]["cached"]
     assert manifest["inputs"]["dpo.data.path"]["sha256"]
     d = json.loads((run_dir / "run_card.json").read_text())["dpo"]
-    assert d["steps"] == 6 and d["pairs_val"] >= 10
+    assert d["steps"] == 4 and d["pairs_val"] >= 10
     assert d["dpo_logp_margin"] > d["sft_logp_margin"] + 0.5
     assert (run_dir / "adapter").resolve().parent.name == manifest["stages"]["dpo"]["key"]  # the run's adapter is DPO's
     assert not (run_dir / "adapter" / "ref").exists()  # trl's frozen reference copy is not shipped
