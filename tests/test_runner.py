@@ -130,6 +130,14 @@ def test_a_changed_setting_reruns_that_stage_and_downstream_only(workdir):
     assert r2.keys["a"] == r1.keys["a"] and all(r2.keys[s] != r1.keys[s] for s in "bde")
 
 
+def test_a_new_revision_reruns_that_stage_and_downstream_only(workdir, monkeypatch):
+    r1, _ = run(workdir)
+    monkeypatch.setattr(B, "revision", 2)  # b computes something else from the same inputs
+    r2, runs = run(workdir)
+    assert CALLS == ["b", "d", "e"] and runs["a"].cached
+    assert r2.keys["a"] == r1.keys["a"] and all(r2.keys[s] != r1.keys[s] for s in "bde")
+
+
 def test_a_read_setting_is_part_of_the_key(workdir):
     r1, _ = run(workdir)
     r2, _ = run(workdir, "a.value=3")

@@ -100,6 +100,7 @@ class Runner:
                 "reads": reads,
                 "needs": needs,
                 "inputs": hashed,
+                **({"revision": stage.revision} if stage.revision > 1 else {}),
             }
         )[:16]
 

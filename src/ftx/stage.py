@@ -57,6 +57,9 @@ class Stage:
     needs: ClassVar[tuple[str, ...]] = ()
     provides: ClassVar[str | None] = None  # a name downstream stages can need instead of this stage's name
     reads: ClassVar[tuple[str, ...]] = ()
+    # bump when the stage computes something else from the same inputs, so that cached results are not reused;
+    # part of the cache key from 2 on (1 is left out, which keeps the keys of caches made before it existed)
+    revision: ClassVar[int] = 1
 
     # --- what the runner asks before running anything
     def upstream(self, recipe) -> tuple[str, ...]:

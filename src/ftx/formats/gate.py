@@ -1,12 +1,20 @@
 """The quality gate, format-agnostic: every exported variant is scored against the reference artifact on the
 same token sequences, from the log-probabilities each assigns (Format.logprobs), with the metrics of
-`llama-perplexity --kl-divergence`: KL(P_ref || P_variant) at every predicted position (mean, P99), the share of
-positions with the same top-1 token, and PPL(variant) / PPL(reference). The smallest variant within the
-budgets is selected.
+`llama-perplexity --kl-divergence`: KL(P_ref || P_variant) (mean, P99), the share of positions with the same
+top-1 token, and PPL(variant) / PPL(reference). The smallest variant within the budgets is selected.
+
+What is scored: the gate's figures are those of the tokens the served model produces - the assistant turns of
+the held-out and validation conversations (every token of text rows). Prompt tokens (system, user, the
+template's own tokens) are only shown, in the all-token figures, where a prefix shared by several conversations
+(a default system prompt the chat template inserts into every one) is counted once: otherwise the same few
+positions, repeated in every conversation, would outweigh the answers.
 
 Default budgets from llama.cpp's LLaMA-3-8B scoreboard (tools/perplexity/README.md, wikitext-2): Q4_K_M has mean
-KLD 0.031 and PPL ratio 1.028, Q4_0 0.072 and 1.075, Q5_K_M 0.011 and 1.011. The defaults (0.05, 1.05) accept
-Q4_K_M-class quality and reject Q4_0-class."""
+KLD 0.031 and PPL ratio 1.028, Q4_0 0.072 and 1.075, Q5_K_M 0.011 and 1.011. Those are figures over plain text,
+every token of which the model predicts as its own output; the gate applies them to the assistant tokens, the
+closest equivalent. The defaults (0.05, 1.05) accept Q4_K_M-class quality and reject Q4_0-class. The PPL ratio is
+checked both ways (|ratio - 1| <= max_ppl_ratio - 1): a quant that lowers perplexity by 10% has moved as far from
+the reference as one that raises it by 10%."""
 
 from __future__ import annotations
 
@@ -23,7 +31,9 @@ class QualityGate(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     max_mean_kld: float | None = Field(0.05, gt=0, description="mean KL divergence from the reference")
-    max_ppl_ratio: float | None = Field(1.05, gt=1, description="perplexity over the reference's")
+    max_ppl_ratio: float | None = Field(
+        1.05, gt=1, description="perplexity over the reference's, checked both ways: |ratio - 1| <= max - 1"
+    )
     max_p99_kld: float | None = Field(None, gt=0, description="99th percentile of the per-token KL divergence")
     min_same_top: float | None = Field(None, gt=0, le=1, description="share of tokens with the reference's top-1")
 
@@ -39,53 +49,120 @@ class QualityGate(BaseModel):
     def within(self, m: dict) -> bool:
         checks = [
             (self.max_mean_kld, m["mean_kld"], "<="),
-            (self.max_ppl_ratio, m["ppl_ratio"], "<="),
+            (None if self.max_ppl_ratio is None else self.max_ppl_ratio - 1, abs(m["ppl_ratio"] - 1), "<="),
             (self.max_p99_kld, m["p99_kld"], "<="),
             (self.min_same_top, m["same_top"], ">="),
         ]
         return all(limit is None or (v <= limit if op == "<=" else v >= limit) for limit, v, op in checks)
 
 
-def save_reference(logprobs: Iterable, seqs: list[list[int]], dst: Path) -> float:
-    """Reference pass: log-probabilities at every position (fp16 on disk, memory-mapped); returns its PPL."""
+class Positions:
+    """Which predicted positions each figure counts. Position t of a sequence predicts token t + 1. `target`: the
+    gate's positions (token t + 1 is an assistant token, i.e. labelled for training, or any token of a text row);
+    `unique`: positions whose context and token were not already scored in an earlier sequence (a shared prefix
+    counts once). Built from rendered rows (`input_ids`, `labels`); `every(seqs)` counts every position."""
+
+    def __init__(self, rendered: list[dict]):
+        import numpy as np
+
+        self.target, self.unique = [], []
+        earlier: list[list[int]] = []
+        for r in rendered:
+            ids, labels = r["input_ids"], r["labels"]
+            shared = max((_common(ids, e) for e in earlier), default=0)
+            self.target.append(np.array([x != -100 for x in labels[1 : len(ids)]], dtype=bool))
+            self.unique.append(np.arange(len(ids) - 1) >= shared - 1)
+            earlier.append(ids)
+        if not any(t.any() for t in self.target):  # no assistant token at all: score every unique position
+            self.target = [u.copy() for u in self.unique]
+        t, u = np.concatenate(self.target), np.concatenate(self.unique)
+        self.split = {
+            "positions": int(t.size),
+            "assistant": int(t.sum()),
+            "prompt": int((~t).sum()),
+            "prompt_repeated": int((~t & ~u).sum()),
+            "assistant_repeated": int((t & ~u).sum()),
+        }
+
+    @classmethod
+    def every(cls, seqs: list[list[int]]) -> Positions:
+        p = cls.__new__(cls)
+        import numpy as np
+
+        p.target = p.unique = [np.ones(len(s) - 1, dtype=bool) for s in seqs]
+        n = sum(len(s) - 1 for s in seqs)
+        p.split = {"positions": n, "assistant": n, "prompt": 0, "prompt_repeated": 0, "assistant_repeated": 0}
+        return p
+
+
+def _common(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _ppl(nll: float, n: int) -> float:
+    import math
+
+    return math.exp(nll / max(n, 1))
+
+
+def save_reference(logprobs: Iterable, seqs: list[list[int]], dst: Path, pos: Positions | None = None) -> dict:
+    """Reference pass: log-probabilities at every position (fp16 on disk, memory-mapped); returns its PPL on the
+    gate's positions (`ppl`) and on every unique position (`ppl_all`), to pass to `compare`."""
     import numpy as np
 
+    pos = pos or Positions.every(seqs)
     store = None
-    at, nll, n = 0, 0.0, 0
-    for lp, ids in logprobs:
+    at = 0
+    nll = {"target": 0.0, "unique": 0.0}
+    for i, (lp, ids) in enumerate(logprobs):
         if store is None:
             store = np.lib.format.open_memmap(
                 dst, mode="w+", dtype=np.float16, shape=(sum(map(len, seqs)), lp.shape[1])
             )
         store[at : at + len(ids)] = lp
-        nll -= float(lp[np.arange(len(ids) - 1), ids[1:]].sum())
-        n, at = n + len(ids) - 1, at + len(ids)
+        tok = lp[np.arange(len(ids) - 1), ids[1:]]
+        nll["target"] -= float(tok[pos.target[i]].sum())
+        nll["unique"] -= float(tok[pos.unique[i]].sum())
+        at += len(ids)
     store.flush()
-    return float(np.exp(nll / n))
+    n_target = sum(int(t.sum()) for t in pos.target)
+    n_unique = sum(int(u.sum()) for u in pos.unique)
+    return {"ppl": _ppl(nll["target"], n_target), "ppl_all": _ppl(nll["unique"], n_unique), "pos": pos}
 
 
-def compare(logprobs: Iterable, ref: Path, ref_ppl: float) -> dict[str, float]:
-    """The gate's metrics of one variant against the saved reference, on the exact same token ids."""
+def compare(logprobs: Iterable, ref: Path, reference: dict) -> dict[str, float]:
+    """The gate's metrics of one variant against the saved reference, on the exact same token ids: on the gate's
+    positions (ppl, ppl_ratio, mean_kld, p99_kld, same_top) and on every unique position (all_*)."""
     import numpy as np
 
+    pos: Positions = reference["pos"]
     store = np.load(ref, mmap_mode="r")
-    at, nll, klds, same = 0, 0.0, [], 0
+    at, klds, tops, nlls = 0, [], [], []
     for lp, ids in logprobs:
         n = len(ids) - 1  # positions that predict a next token
         rp = np.asarray(store[at : at + n], dtype=np.float32)
         q = lp[:n]
         klds.append((np.exp(rp) * (rp - q)).sum(-1))
-        same += int((rp.argmax(-1) == q.argmax(-1)).sum())
-        nll -= float(q[np.arange(n), ids[1:]].sum())
+        tops.append(rp.argmax(-1) == q.argmax(-1))
+        nlls.append(-q[np.arange(n), ids[1:]])
         at += len(ids)
-    kld = np.concatenate(klds)
-    ppl = float(np.exp(nll / len(kld)))
+    kld, top, nll = (np.concatenate(x) for x in (klds, tops, nlls))
+    t, u = np.concatenate(pos.target), np.concatenate(pos.unique)
+    ppl = _ppl(float(nll[t].sum()), int(t.sum()))
+    ppl_all = _ppl(float(nll[u].sum()), int(u.sum()))
     return {
         "ppl": ppl,
-        "ppl_ratio": ppl / ref_ppl,
-        "mean_kld": float(kld.mean()),
-        "p99_kld": float(np.percentile(kld, 99)),
-        "same_top": same / len(kld),
+        "ppl_ratio": ppl / reference["ppl"],
+        "mean_kld": float(kld[t].mean()),
+        "p99_kld": float(np.percentile(kld[t], 99)),
+        "same_top": float(top[t].mean()),
+        "all_mean_kld": float(kld[u].mean()),
+        "all_ppl_ratio": ppl_all / reference["ppl_all"],
     }
 
 

@@ -97,6 +97,8 @@ class ExportFile(BaseModel):
     mean_kld: float | None = None
     p99_kld: float | None = None
     same_top: float | None = Field(None, description="tokens whose top-1 equals the reference's")
+    all_mean_kld: float | None = Field(None, description="mean KLD over every token, a shared prefix counted once")
+    all_ppl_ratio: float | None = Field(None, description="PPL ratio over every token, a shared prefix counted once")
     passed: bool | None = Field(None, description="within the quality gate (None: reference or no gate)")
 
 
@@ -106,26 +108,32 @@ class ExportResult(BaseModel):
     selected: str = Field(description="the smallest variant within the gate (the smallest variant without a gate)")
     gate: QualityGate | None = None
     eval_tokens: int = 0
+    scored: dict[str, int] = Field(
+        default_factory=dict,
+        description="how the evaluation positions split: assistant (the gate's), prompt, and of each those in a "
+        "prefix already scored in an earlier conversation (counted once in the all-token figures)",
+    )
     lineage: str | None = None
     extras: dict = Field(default_factory=dict, description="format facts (GGUF: the importance matrix)")
     packaging: dict[str, dict] = Field(default_factory=dict, description="result of each packaging step that ran")
 
 
-def eval_sequences(tok, files: list[Path | None], max_tokens: int | None = None) -> list[list[int]]:
-    """Token ids of the held-out and validation conversations, rendered with the model's own chat template
-    (special tokens as the model sees them) - what the quality gate scores; the first ones up to `max_tokens`."""
+def eval_sequences(tok, files: list[Path | None], max_tokens: int | None = None) -> list[dict]:
+    """The held-out and validation conversations rendered with the model's own chat template (special tokens as
+    the model sees them; `input_ids` and the training `labels`, which mark the assistant tokens) - what the
+    quality gate scores; the first ones up to `max_tokens`."""
     from ..core.chat import read_examples, render_example
 
-    seqs, total = [], 0
+    rows, total = [], 0
     for f in files:
         for ex in read_examples(f) if f else []:
             if "messages" in ex or "text" in ex:
-                ids = render_example(tok, ex, 4096)["input_ids"]
-                if max_tokens and total + len(ids) > max_tokens and seqs:
-                    return seqs
-                seqs.append(ids)
-                total += len(ids)
-    return seqs
+                r = render_example(tok, ex, 4096)
+                if max_tokens and total + len(r["input_ids"]) > max_tokens and rows:
+                    return rows
+                rows.append(r)
+                total += len(r["input_ids"])
+    return rows
 
 
 class _Top1:
@@ -182,12 +190,16 @@ def export(
     seqs = check_sequences(tok, val_file, cfg.check_tokens)
     ref_logits = token_logits(model, seqs).numpy()
     del model
-    eval_seqs = eval_sequences(tok, [heldout_file, val_file], cfg.eval_tokens)
+    rows = eval_sequences(tok, [heldout_file, val_file], cfg.eval_tokens)
+    eval_seqs = [r["input_ids"] for r in rows]
     top1 = _Top1(eval_seqs, seqs, ref_logits)
     if not top1.usable():  # the check conversations were cut off by eval_tokens: score them on their own
-        eval_seqs = [*eval_seqs, *[s for s, i in zip(seqs, top1.at) if i is None]]
+        missing = {tuple(s) for s, i in zip(seqs, top1.at) if i is None}
+        rows += [r for r in eval_sequences(tok, [val_file]) if tuple(r["input_ids"]) in missing]
+        eval_seqs = [r["input_ids"] for r in rows]
         top1 = _Top1(eval_seqs, seqs, ref_logits)
-    calibration = [tok.decode(x) for x in eval_sequences(tok, [calib_file])] if calib_file else None
+    positions = gate.Positions(rows)
+    calibration = [tok.decode(r["input_ids"]) for r in eval_sequences(tok, [calib_file])] if calib_file else None
     scratch = out / ".reference"
     scratch.mkdir()
     with Progress() as progress:
@@ -196,14 +208,16 @@ def export(
         ref_name, ref_path = fmt.reference(settings, model_dir, out, name, lineage, base_model)
         progress.advance(task)
         progress.update(task, description=f"reference log-probs ({sum(len(x) - 1 for x in eval_seqs)} tokens)")
-        ref_ppl = gate.save_reference(top1.tee(fmt.logprobs(ref_path, eval_seqs)), eval_seqs, scratch / "ref.npy")
+        reference = gate.save_reference(
+            top1.tee(fmt.logprobs(ref_path, eval_seqs)), eval_seqs, scratch / "ref.npy", positions
+        )
         files = [
             ExportFile(
                 name=ref_name,
                 file=ref_path.name,
                 size_bytes=ref_path.stat().st_size,
                 top1_agreement=top1.agreement(),
-                ppl=ref_ppl,
+                ppl=reference["ppl"],
             )
         ]
         progress.advance(task)
@@ -214,7 +228,7 @@ def export(
             )
         for vname, path in fmt.variants(settings, ref_path, out, calibration):
             progress.update(task, description=f"KL divergence and top-1 vs HF: {vname}")
-            metrics = gate.compare(top1.tee(fmt.logprobs(path, eval_seqs)), scratch / "ref.npy", ref_ppl)
+            metrics = gate.compare(top1.tee(fmt.logprobs(path, eval_seqs)), scratch / "ref.npy", reference)
             f = ExportFile(
                 name=vname, file=path.name, size_bytes=path.stat().st_size, top1_agreement=top1.agreement(), **metrics
             )
@@ -246,6 +260,7 @@ def export(
         selected=selected,
         gate=cfg.quality_gate,
         eval_tokens=sum(len(x) - 1 for x in eval_seqs),
+        scored=positions.split,
         lineage=lineage,
         extras=fmt.extras(settings, out),
         packaging=packaging,
@@ -258,6 +273,7 @@ class Export(Stage):
     result = ExportResult
     needs = ("merge", "data", "adapter")
     reads = ("name", "base_model", "data.max_seq_len")
+    revision = 2  # 2: the gate scores assistant tokens, a shared prefix once, the PPL ratio both ways
 
     def run(self, ctx, out: Path) -> ExportResult:
         d = ctx.upstream("data").result
