@@ -77,8 +77,18 @@ def test_fine_tuning_changes_behaviour_on_heldout(quickstart_run):
     assert m["format_rate"]["base"] <= 0.2 and m["format_rate"]["finetuned"] >= 0.8, m
     assert m["val_loss"]["finetuned"] < m["val_loss"]["base"]
     assert m["val_perplexity"]["finetuned"] == pytest.approx(np.exp(m["val_loss"]["finetuned"]))
+    # 95% intervals per model, and the paired difference: the fine-tune's gain is not noise of 24 prompts
+    ev = quickstart_run["card"]["eval"]
+    for metric in ("format_rate", "exact_rate", "token_f1"):
+        for model, (lo, hi) in ev["intervals"][metric].items():
+            assert lo <= m[metric][model] <= hi, (metric, model)
+    gain = ev["deltas"]["format_rate"]["finetuned"]
+    assert gain["delta"] == pytest.approx(m["format_rate"]["finetuned"] - m["format_rate"]["base"])
+    assert 0.5 < gain["low"] <= gain["delta"] <= gain["high"], gain
+    assert m["token_f1"]["finetuned"] > m["token_f1"]["base"]  # JSON answers share words with the references
     md = (quickstart_run["dir"] / "run_card.md").read_text()
-    assert re.search(r"\| follows the trained format \| \d+% \| (8|9|10)\d?% \|", md)
+    assert re.search(r"\| follows the trained format \| \d+%( \[[^]]*\])? \| (8|9|10)\d?%", md)
+    assert "Δ fine-tuned (95% CI)" in md
 
 
 def test_adapter_loads_with_peft_and_gives_the_trained_behaviour(hf, heldout):

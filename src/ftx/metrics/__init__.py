@@ -4,19 +4,38 @@ metric × model or artifact (base, fine-tuned, served, ...)."""
 from __future__ import annotations
 
 from .base import Metric
+from .intervals import interval, paired_delta
 from .likelihood import ValLoss, ValPerplexity
-from .text import ExactMatch, FormatRate
+from .text import ExactMatch, FormatRate, TokenF1
 
-METRICS: list[Metric] = [ValLoss(), ValPerplexity(), FormatRate(), ExactMatch()]
+METRICS: list[Metric] = [ValLoss(), ValPerplexity(), FormatRate(), ExactMatch(), TokenF1()]
 BY_NAME = {m.name: m for m in METRICS}
 
 
-def generation_scores(outputs: list[str], references: list[str], settings) -> dict[str, float]:
+def per_example(outputs: list[str], references: list[str], settings) -> dict[str, list[float]]:
+    """{metric: [score of each answer]} for every generation metric that applies."""
     return {
-        m.name: m.score(outputs, references, settings)
+        m.name: [m.per_example(o, r, settings) for o, r in zip(outputs, references)]
         for m in METRICS
         if m.kind == "generation" and m.applies(settings)
     }
+
+
+def generation_scores(outputs: list[str], references: list[str], settings) -> dict[str, float]:
+    return {k: sum(v) / max(len(v), 1) for k, v in per_example(outputs, references, settings).items()}
+
+
+def uncertainty(examples: dict[str, dict[str, list[float]]], baseline: str) -> tuple[dict, dict]:
+    """From {model: {metric: per-example scores}} on the same prompts: 95% intervals {metric: {model: [lo, hi]}}
+    and paired differences against `baseline` {metric: {model: {delta, low, high}}}."""
+    intervals: dict[str, dict[str, list[float]]] = {}
+    deltas: dict[str, dict[str, dict[str, float]]] = {}
+    for model, scores in examples.items():
+        for name, values in scores.items():
+            intervals.setdefault(name, {})[model] = interval(values)
+            if model != baseline and name in examples.get(baseline, {}):
+                deltas.setdefault(name, {})[model] = paired_delta(examples[baseline][name], values)
+    return intervals, deltas
 
 
 def loss_scores(loss: float, settings) -> dict[str, float]:
@@ -33,13 +52,34 @@ def by_metric(per_model: dict[str, dict[str, float]]) -> dict[str, dict[str, flo
     return out
 
 
-def table(values: dict[str, dict[str, float]], columns: list[str], labels: dict[str, str] | None = None) -> str:
-    """Markdown: one row per metric of `values` ({metric: {column: value}}), one column per entry of `columns`."""
-    labels = labels or {}
-    head = "| | " + " | ".join(labels.get(c, c) for c in columns) + " |\n|---|" + "---:|" * len(columns) + "\n"
+def table(
+    values: dict[str, dict[str, float]],
+    columns: list[str],
+    labels: dict[str, str] | None = None,
+    intervals: dict | None = None,
+    deltas: dict | None = None,
+) -> str:
+    """Markdown: one row per metric of `values` ({metric: {column: value}}), one column per entry of `columns`,
+    each value with its 95% interval where `intervals` has one, then a column per paired difference in `deltas`."""
+    labels, intervals, deltas = labels or {}, intervals or {}, deltas or {}
+    compared = [c for c in columns if any(c in d for d in deltas.values())]
+    heads = [labels.get(c, c) for c in columns] + [f"Δ {labels.get(c, c)} (95% CI)" for c in compared]
+    head = "| | " + " | ".join(heads) + " |\n|---|" + "---:|" * len(heads) + "\n"
     rows = []
     for name, row in values.items():
         m = BY_NAME.get(name)
-        cells = [m.fmt(row.get(c)) if m else str(row.get(c, "—")) for c in columns]
+        show = m.fmt if m else str
+        cells = []
+        for c in columns:
+            v, ci = row.get(c), intervals.get(name, {}).get(c)
+            cells.append(show(v) + (f" [{show(ci[0])}, {show(ci[1])}]" if ci and ci[0] != ci[1] else ""))
+        for c in compared:
+            d = deltas.get(name, {}).get(c)
+            cells.append(f"{_signed(m, d['delta'])} [{_signed(m, d['low'])}, {_signed(m, d['high'])}]" if d else "")
         rows.append(f"| {m.label if m else name} | " + " | ".join(cells) + " |")
     return head + "\n".join(rows) + "\n"
+
+
+def _signed(m: Metric | None, v: float) -> str:
+    text = m.fmt(abs(v)) if m else f"{abs(v):.4f}"
+    return ("−" if v < 0 else "+") + text

@@ -1,9 +1,10 @@
-"""Generation metrics on held-out answers: the trained format (the recipe's `eval.response_regex`) and exact
-match against the reference answer."""
+"""Generation metrics on held-out answers: the trained format (the recipe's `eval.response_regex`), exact match
+against the reference answer, and token F1 (SQuAD's overlap of normalized word tokens)."""
 
 from __future__ import annotations
 
 import re
+from collections import Counter
 
 from .base import Metric
 
@@ -14,13 +15,35 @@ class FormatRate(Metric):
     def applies(self, settings) -> bool:
         return bool(settings.response_regex)
 
-    def score(self, outputs, references, settings) -> float:
-        pat = re.compile(settings.response_regex, re.DOTALL)
-        return sum(bool(pat.fullmatch(t.strip())) for t in outputs) / max(len(outputs), 1)
+    def per_example(self, output, reference, settings) -> float:
+        return float(bool(re.fullmatch(settings.response_regex, output.strip(), re.DOTALL)))
 
 
 class ExactMatch(Metric):
     name, label, kind, percent = "exact_rate", "exact reference answer", "generation", True
 
-    def score(self, outputs, references, settings) -> float:
-        return sum(t.strip() == r.strip() for t, r in zip(outputs, references)) / max(len(references), 1)
+    def per_example(self, output, reference, settings) -> float:
+        return float(output.strip() == reference.strip())
+
+
+def words(text: str) -> list[str]:
+    """Lower-cased word tokens, punctuation dropped (SQuAD's normalization without its English article list).
+    Letters, marks and digits of any script make words: Python's `\\w` splits Devanagari at its vowel signs, so
+    this uses `regex` (a dependency of transformers) with Unicode classes."""
+    import regex
+
+    return regex.findall(r"[\p{L}\p{M}\p{N}]+", text.lower())
+
+
+class TokenF1(Metric):
+    name, label, kind, percent = "token_f1", "token F1 vs the reference", "generation", True
+
+    def per_example(self, output, reference, settings) -> float:
+        out, ref = words(output), words(reference)
+        if not out or not ref:
+            return float(out == ref)
+        common = sum((Counter(out) & Counter(ref)).values())
+        if common == 0:
+            return 0.0
+        precision, recall = common / len(out), common / len(ref)
+        return 2 * precision * recall / (precision + recall)

@@ -31,6 +31,13 @@ class Sample(BaseModel):
 
 class EvalResult(BaseModel):
     metrics: dict[str, dict[str, float]] = Field(description="metric -> model (base, finetuned) -> value")
+    intervals: dict[str, dict[str, list[float]]] = Field(
+        default_factory=dict, description="generation metric -> model -> 95% bootstrap interval [low, high]"
+    )
+    deltas: dict[str, dict[str, dict[str, float]]] = Field(
+        default_factory=dict,
+        description="generation metric -> finetuned -> paired difference from base {delta, low, high} (95%)",
+    )
     prompts: int
     samples: list[Sample]
 
@@ -50,19 +57,23 @@ def evaluate(
     val = chat.read_examples(val_file)
     held = chat.read_split(heldout_file or val_file)[: cfg.max_prompts]  # chat conversations; none for text data
     prompts, refs = [m[:-1] for m in held], [m[-1]["content"] for m in held]
-    scores, outputs = {}, {}
+    scores, outputs, examples = {}, {}, {}
     for name in MODELS:
         with model.disable_adapter() if name == "base" else contextlib.nullcontext():
             outputs[name] = generate(model, tok, prompts, cfg.max_new_tokens) if prompts else []
+            examples[name] = metrics.per_example(outputs[name], refs, cfg) if prompts else {}
             scores[name] = {
                 **metrics.loss_scores(response_loss(model, tok, val, max_seq_len), cfg),
-                **(metrics.generation_scores(outputs[name], refs, cfg) if prompts else {}),
+                **{k: sum(v) / len(v) for k, v in examples[name].items()},
             }
+    intervals, deltas = metrics.uncertainty(examples, "base")
     samples = [
         Sample(prompt=p[-1]["content"], reference=r, outputs={n: outputs[n][i] for n in MODELS})
         for i, (p, r) in enumerate(zip(prompts, refs))
     ]
-    return EvalResult(metrics=metrics.by_metric(scores), prompts=len(prompts), samples=samples)
+    return EvalResult(
+        metrics=metrics.by_metric(scores), intervals=intervals, deltas=deltas, prompts=len(prompts), samples=samples
+    )
 
 
 class Eval(Stage):
@@ -71,6 +82,7 @@ class Eval(Stage):
     result = EvalResult
     needs = ("adapter", "data")
     reads = ("data.max_seq_len",)
+    revision = 2  # 2: token F1, 95% intervals and paired base -> fine-tuned differences
 
     def run(self, ctx, out: Path) -> EvalResult:
         d = ctx.upstream("data").result
@@ -94,4 +106,8 @@ class Eval(Stage):
     def card_data(self, r: dict, recipe: str) -> dict:
         from .. import metrics
 
-        return {**r, "samples": r["samples"][:6], "table": metrics.table(r["metrics"], list(MODELS), MODELS)}
+        return {
+            **r,
+            "samples": r["samples"][:6],
+            "table": metrics.table(r["metrics"], list(MODELS), MODELS, r.get("intervals"), r.get("deltas")),
+        }
