@@ -65,12 +65,16 @@ def pytest_collection_finish(session):
     e2e = any(item.get_closest_marker("e2e") for item in session.items)
     if not e2e or session.config.option.collectonly or os.environ.get("FTX_TEST_NO_BACKGROUND"):
         return
-    out = session.config._tmp_path_factory.mktemp("e2e") / "runs"
-    log = out.parent / "quickstart.log"
-    err = out.parent / "quickstart.err"
+    _background.update(_start(session.config._tmp_path_factory))
+
+
+def _start(tmp_path_factory) -> dict:
+    """The quickstart run as a child process, its stdout and stderr in files (not a terminal, as in CI)."""
+    out = tmp_path_factory.mktemp("e2e") / "runs"
+    log, err = out.parent / "quickstart.log", out.parent / "quickstart.err"
     with open(log, "w") as so, open(err, "w") as se:  # the child keeps its own copies of the descriptors
         proc = subprocess.Popen(ftx_cmd(out), stdout=so, stderr=se)
-    _background.update(out=out, proc=proc, log=log, err=err)
+    return {"out": out, "proc": proc, "log": log, "err": err}
 
 
 def pytest_sessionfinish(session):
@@ -84,16 +88,14 @@ def pytest_sessionfinish(session):
 def quickstart_run(tmp_path_factory):
     """The quickstart recipe end to end through the CLI (fewer steps): every e2e module starts from it. Started
     at collection (see pytest_collection_finish) when possible, else here."""
-    if _background:
-        out, proc = _background["out"], _background["proc"]
-        assert proc.wait(timeout=2400) == 0, _background["err"].read_text()[-4000:]
-        run_dir = Path(_background["log"].read_text().strip().splitlines()[-1]).parent
-        manifest = json.loads((run_dir / "manifest.json").read_text())
-    else:
-        out = tmp_path_factory.mktemp("e2e") / "runs"
-        run_dir, manifest = ftx_run(out)
+    run = _background or _start(tmp_path_factory)
+    returncode = run["proc"].wait(timeout=2400)
+    stderr = run["err"].read_text()
+    assert returncode == 0, stderr[-4000:]
+    run_dir = Path(run["log"].read_text().strip().splitlines()[-1]).parent
+    manifest = json.loads((run_dir / "manifest.json").read_text())
     card = json.loads((run_dir / "run_card.json").read_text())
-    return {"out": out, "dir": run_dir, "manifest": manifest, "card": card}
+    return {"out": run["out"], "dir": run_dir, "manifest": manifest, "card": card, "stderr": stderr}
 
 
 @pytest.fixture(scope="session")

@@ -72,6 +72,17 @@ def test_training_artifacts(quickstart_run):
     assert {p.name for p in (run_dir / "adapter").iterdir()} >= {"adapter_config.json", "adapter_model.safetensors"}
 
 
+def test_a_run_logged_to_a_file_shows_plain_progress_lines(quickstart_run):
+    """Output redirected (CI, nohup): training prints a plain line per logged step or 30 s, not a terminal bar
+    at the end; and plain LoRA does not print bitsandbytes' kernels warning."""
+    err = quickstart_run["stderr"]
+    lines = [line for line in err.splitlines() if re.match(rf"train \d+/{STEPS} ", line)]
+    assert len(lines) >= 3 and all("elapsed" in line for line in lines), err[-2000:]
+    assert any("loss=" in line and "tokens_per_s=" in line for line in lines)
+    assert "\x1b[" not in err  # no terminal control codes in a log file
+    assert "gemm_4bit" not in err and "kernels-community" not in err
+
+
 def test_fine_tuning_changes_behaviour_on_heldout(quickstart_run):
     m = quickstart_run["card"]["eval"]["metrics"]
     assert m["format_rate"]["base"] <= 0.2 and m["format_rate"]["finetuned"] >= 0.8, m
