@@ -63,19 +63,36 @@ class Positions:
     counts once). Built from rendered rows (`input_ids`, `labels`); `every(seqs)` counts every position."""
 
     def __init__(self, rendered: list[dict]):
+        import os
+
         import numpy as np
 
-        self.target, self.unique = [], []
-        earlier: list[list[int]] = []
+        target, unique, earlier = [], [], []
         for r in rendered:
             ids, labels = r["input_ids"], r["labels"]
-            shared = max((_common(ids, e) for e in earlier), default=0)
-            self.target.append(np.array([x != -100 for x in labels[1 : len(ids)]], dtype=bool))
-            self.unique.append(np.arange(len(ids) - 1) >= shared - 1)
+            shared = max((len(os.path.commonprefix([ids, e])) for e in earlier), default=0)
+            target.append(np.array([x != -100 for x in labels[1 : len(ids)]], dtype=bool))
+            unique.append(np.arange(len(ids) - 1) >= shared - 1)
             earlier.append(ids)
-        if not any(t.any() for t in self.target):  # no assistant token at all: score every unique position
-            self.target = [u.copy() for u in self.unique]
-        t, u = np.concatenate(self.target), np.concatenate(self.unique)
+        if not any(t.any() for t in target):  # no assistant token at all: score every unique position
+            target = [u.copy() for u in unique]
+        self._set(target, unique)
+
+    @classmethod
+    def every(cls, seqs: list[list[int]]) -> Positions:
+        import numpy as np
+
+        p = cls.__new__(cls)
+        every = [np.ones(len(s) - 1, dtype=bool) for s in seqs]
+        p._set(every, every)
+        return p
+
+    def _set(self, target: list, unique: list) -> None:
+        import numpy as np
+
+        self.target, self.unique = target, unique  # per sequence
+        t, u = np.concatenate(target), np.concatenate(unique)
+        self.flat = t, u  # the same, concatenated
         self.split = {
             "positions": int(t.size),
             "assistant": int(t.sum()),
@@ -84,30 +101,14 @@ class Positions:
             "assistant_repeated": int((t & ~u).sum()),
         }
 
-    @classmethod
-    def every(cls, seqs: list[list[int]]) -> Positions:
-        p = cls.__new__(cls)
-        import numpy as np
+    def ppls(self, nll) -> tuple[float, float]:
+        """PPL on the gate's positions and on the unique ones, from the NLL at every position (flat)."""
+        import math
 
-        p.target = p.unique = [np.ones(len(s) - 1, dtype=bool) for s in seqs]
-        n = sum(len(s) - 1 for s in seqs)
-        p.split = {"positions": n, "assistant": n, "prompt": 0, "prompt_repeated": 0, "assistant_repeated": 0}
-        return p
+        def ppl(mask) -> float:
+            return math.exp(float(nll[mask].sum(dtype="float64")) / max(int(mask.sum()), 1))
 
-
-def _common(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
-def _ppl(nll: float, n: int) -> float:
-    import math
-
-    return math.exp(nll / max(n, 1))
+        return ppl(self.flat[0]), ppl(self.flat[1])
 
 
 def save_reference(logprobs: Iterable, seqs: list[list[int]], dst: Path, pos: Positions | None = None) -> dict:
@@ -117,22 +118,18 @@ def save_reference(logprobs: Iterable, seqs: list[list[int]], dst: Path, pos: Po
 
     pos = pos or Positions.every(seqs)
     store = None
-    at = 0
-    nll = {"target": 0.0, "unique": 0.0}
-    for i, (lp, ids) in enumerate(logprobs):
+    at, nlls = 0, []
+    for lp, ids in logprobs:
         if store is None:
             store = np.lib.format.open_memmap(
                 dst, mode="w+", dtype=np.float16, shape=(sum(map(len, seqs)), lp.shape[1])
             )
         store[at : at + len(ids)] = lp
-        tok = lp[np.arange(len(ids) - 1), ids[1:]]
-        nll["target"] -= float(tok[pos.target[i]].sum())
-        nll["unique"] -= float(tok[pos.unique[i]].sum())
+        nlls.append(-lp[np.arange(len(ids) - 1), ids[1:]])
         at += len(ids)
     store.flush()
-    n_target = sum(int(t.sum()) for t in pos.target)
-    n_unique = sum(int(u.sum()) for u in pos.unique)
-    return {"ppl": _ppl(nll["target"], n_target), "ppl_all": _ppl(nll["unique"], n_unique), "pos": pos}
+    ppl, ppl_all = pos.ppls(np.concatenate(nlls))
+    return {"ppl": ppl, "ppl_all": ppl_all, "pos": pos}
 
 
 def compare(logprobs: Iterable, ref: Path, reference: dict) -> dict[str, float]:
@@ -152,9 +149,8 @@ def compare(logprobs: Iterable, ref: Path, reference: dict) -> dict[str, float]:
         nlls.append(-q[np.arange(n), ids[1:]])
         at += len(ids)
     kld, top, nll = (np.concatenate(x) for x in (klds, tops, nlls))
-    t, u = np.concatenate(pos.target), np.concatenate(pos.unique)
-    ppl = _ppl(float(nll[t].sum()), int(t.sum()))
-    ppl_all = _ppl(float(nll[u].sum()), int(u.sum()))
+    t, u = pos.flat
+    ppl, ppl_all = pos.ppls(nll)
     return {
         "ppl": ppl,
         "ppl_ratio": ppl / reference["ppl"],

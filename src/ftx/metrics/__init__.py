@@ -21,8 +21,13 @@ def per_example(outputs: list[str], references: list[str], settings) -> dict[str
     }
 
 
+def means(examples: dict[str, list[float]]) -> dict[str, float]:
+    """{metric: per-example scores} -> {metric: their mean}."""
+    return {k: sum(v) / max(len(v), 1) for k, v in examples.items()}
+
+
 def generation_scores(outputs: list[str], references: list[str], settings) -> dict[str, float]:
-    return {k: sum(v) / max(len(v), 1) for k, v in per_example(outputs, references, settings).items()}
+    return means(per_example(outputs, references, settings))
 
 
 def uncertainty(examples: dict[str, dict[str, list[float]]], baseline: str) -> tuple[dict, dict]:

@@ -19,12 +19,9 @@ class Metric:
         return True
 
     def per_example(self, output: str, reference: str, settings) -> float:
-        """generation metrics: the score of one answer against its reference (what intervals resample)."""
+        """generation metrics: the score of one answer against its reference; the metric's score is the mean
+        (ftx.metrics.means) and its interval resamples these."""
         raise NotImplementedError
-
-    def score(self, outputs: list[str], references: list[str], settings) -> float:
-        """generation metrics: the mean over the answers to the held-out prompts."""
-        return sum(self.per_example(o, r, settings) for o, r in zip(outputs, references)) / max(len(outputs), 1)
 
     def from_loss(self, loss: float) -> float:
         """loss metrics: a figure from the mean loss over the validation split's response tokens."""

@@ -64,7 +64,7 @@ def evaluate(
             examples[name] = metrics.per_example(outputs[name], refs, cfg) if prompts else {}
             scores[name] = {
                 **metrics.loss_scores(response_loss(model, tok, val, max_seq_len), cfg),
-                **{k: sum(v) / len(v) for k, v in examples[name].items()},
+                **metrics.means(examples[name]),
             }
     intervals, deltas = metrics.uncertainty(examples, "base")
     samples = [
