@@ -1,9 +1,10 @@
-"""Does `ftx bench` measure what vLLM's own client measures? Same vLLM server, same prompts, same load.
+"""Does `ftx bench` measure what vLLM's own client measures? Same vLLM server, same kind of prompts, same load.
 
 `vllm bench serve` (shipped with vLLM) and `ftx bench` take turns (A B B A ...) against one vLLM server (the
-SmolLM2 base model, no gateway): the same synthetic prompts of exactly --input-len tokens (a JSONL file that
-both read: vLLM's `custom` dataset, ftx's `file` prompts), /v1/completions, exactly --output-len tokens
-(ignore_eos), closed-loop concurrency --concurrency, --requests requests after --warmups warmups.
+SmolLM2 base model, no gateway): synthetic prompts of exactly --input-len tokens, fresh for every run so that no
+run is served from the prefix cache of the one before (a JSONL file: vLLM's `custom` dataset, ftx's `file`
+prompts), /v1/completions, exactly --output-len tokens (ignore_eos), closed-loop concurrency --concurrency,
+--requests requests after --warmups warmups.
 
 Target: request throughput and mean TTFT within +-5% of vLLM's client. Headline `ratio` = the worst relative
 difference |ftx / vllm - 1| over both metrics and all concurrencies (per concurrency, the median over rounds of
@@ -128,10 +129,6 @@ def main() -> None:
     base_dir = basemodel.resolve("smollm2-135m-instruct")
     tmp = Path(tempfile.mkdtemp())
     tok = P.load_tokenizer(str(base_dir))
-    texts = P.synthetic(args.input_len, args.requests, seed=0, tokenizer=tok)
-    prompts_file = tmp / "prompts.jsonl"
-    prompts_file.write_text("".join(json.dumps({"prompt": t}) + "\n" for t in texts))
-    prompts = P.from_file(prompts_file)
     settings = serving.ServeSettings(engine="vllm")
     rows, per_metric, n = [], {}, [0]
 
@@ -139,14 +136,22 @@ def main() -> None:
         n[0] += 1
         return tmp / f"{who}-c{c}-{n[0]}"
 
+    def fresh_prompts() -> Path:
+        """Every run its own prompts (seeded by its number): no run is served from the prefix cache another
+        one filled, which would favour whichever client runs second in a round."""
+        f = out_path("prompts", 0).with_suffix(".jsonl")
+        texts = P.synthetic(args.input_len, args.requests + args.warmups, seed=[0, n[0]], tokenizer=tok)
+        f.write_text("".join(json.dumps({"prompt": t}) + "\n" for t in texts))
+        return f
+
     with serving.start(settings, base_dir, "base", tmp / "vllm.log", adapters={}, raw=True) as ep:
         for c in args.concurrency:
             runs = harness.ab_rounds(
                 {
                     "vllm bench serve": lambda c=c: vllm_bench(
-                        ep, base_dir, prompts_file, args, c, out_path("vllm", c).with_suffix(".json")
+                        ep, base_dir, fresh_prompts(), args, c, out_path("vllm", c).with_suffix(".json")
                     ),
-                    "ftx bench": lambda c=c: ftx_bench(ep, prompts, args, c, out_path("ftx", c)),
+                    "ftx bench": lambda c=c: ftx_bench(ep, P.from_file(fresh_prompts()), args, c, out_path("ftx", c)),
                 },
                 args.rounds,
                 args.warmup,

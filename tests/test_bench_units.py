@@ -213,6 +213,32 @@ def test_synthetic_prompts_have_exact_token_lengths_with_a_tokenizer():
     assert all(len(p.split()) == 7 for p in P.synthetic(7, 3, seed=0))
 
 
+def test_synthetic_prompts_are_fresh_per_run_level_and_target_unless_seeded():
+    from ftx.bench import prompts as P
+
+    cfg = P.PromptsConfig(source="synthetic", input_tokens=6, count=4)
+    a, b = P.PromptSet(synthetic=cfg), P.PromptSet(synthetic=cfg)
+    assert a.seed != b.seed and a.get(0, 0) != b.get(0, 0)  # two runs: other prompts
+    drawn = [tuple(a.get(j, k)) for j in range(3) for k in range(2)]
+    assert len(set(drawn)) == 6 and a.get(1, 1) == a.get(1, 1)  # every level x target its own, stable in a run
+    assert a.describe() == {"count": 4, "seed": a.seed, "fresh_per_level": True}
+    fixed = P.PromptsConfig(source="synthetic", input_tokens=6, count=4, seed=3)
+    assert P.PromptSet(synthetic=fixed).get(2, 0) == P.PromptSet(synthetic=fixed).get(2, 0)  # warm cache on purpose
+    held = P.PromptSet(["q1", "q2"])
+    assert held.get(0, 0) == held.get(5, 1) == ["q1", "q2"] and held.describe()["seed"] is None
+
+
+def test_cached_prompt_tokens_are_summed_and_a_mostly_cached_level_is_warned():
+    cached = [dict(rec(0.05, 0.2, inp=100), cached_tokens=c) for c in (90, 99, 0)]
+    s = stats.summarize(cached + [rec(0.05, 0.2, inp=100)], 1.0, stats.SLO())  # the last: no cached count
+    assert s["cached_input_tokens"] == 189 and s["cached_share"] == pytest.approx(189 / 300)
+    assert stats.summarize([rec(0.05, 0.2)], 1.0, stats.SLO())["cached_share"] is None
+    cold = stats.summarize([dict(rec(0.05, 0.2, inp=100), cached_tokens=10)], 1.0, stats.SLO())
+    targets = [{"name": "a", "levels": [{"level": 1, "summary": s}, {"level": 2, "summary": cold}]}]
+    (w,) = stats.cache_warnings(targets)
+    assert w.startswith("a at 1: 63% of the prompt tokens came from the server's prompt cache")
+
+
 def test_a_level_stops_sending_at_its_duration():
     import asyncio
     import time

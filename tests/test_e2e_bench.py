@@ -91,6 +91,38 @@ def test_poisson_synthetic_prompts_have_exact_lengths(endpoint, base_dir, tmp_pa
     assert "| rate (req/s) |" in (out / "summary.md").read_text()
 
 
+def test_prompts_are_fresh_per_run_and_a_warm_cache_rerun_is_reported(endpoint, base_dir, tmp_path):
+    """llama-server keeps prompts in its cache: a run with the same synthetic prompts as an earlier one is served
+    from it (its cached share is reported and warned about); by default every run draws fresh prompts."""
+    from ftx import bench
+    from ftx.bench.prompts import load_tokenizer
+
+    tok = load_tokenizer(str(base_dir))
+    target = [bench.Target("qs", endpoint.base_url, endpoint.api_key, ["qs"])]
+
+    def run(name, **prompts):
+        cfg = bench.BenchConfig(
+            concurrency=2,
+            requests=4,
+            warmup=0,
+            max_tokens=4,
+            prompts={"source": "synthetic", "input_tokens": 100, "count": 4, **prompts},
+        )
+        return bench.run(cfg, target, bench.load_prompts(cfg, tokenizer=tok), tmp_path / name, tok)
+
+    first = run("first")
+    seed = first.prompts["seed"]
+    assert seed is not None and first.warnings == []
+    level = first.targets[0]["levels"][0]["summary"]
+    assert level["cached_share"] < 0.5  # at most the chat template's system prompt
+    again = run("again", seed=seed)  # the same prompts again, on purpose: a warm-cache measurement
+    share = again.targets[0]["levels"][0]["summary"]["cached_share"]
+    assert share > 0.9 and len(again.warnings) == 1 and "prompt cache" in again.warnings[0]
+    assert "**Warning:**" in (tmp_path / "again" / "summary.md").read_text()
+    fresh = run("fresh")
+    assert fresh.prompts["seed"] != seed and fresh.targets[0]["levels"][0]["summary"]["cached_share"] < 0.5
+
+
 def test_sweep_burst_and_token_fallback_matches_server_usage(endpoint, base_dir, tmp_path, quickstart_run):
     """A burst sweep: each level sends everything at once. The tokenizer fallback counts what the server counts."""
     from ftx.bench import prompts as P

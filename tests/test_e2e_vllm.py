@@ -48,6 +48,7 @@ def test_recipe_serve_stage_on_vllm_serves_the_unmerged_adapter(vllm_recipe, qui
     ]
     assert len(records) == 4 and {r["model"] for r in records} == {"quickstart"}
     assert all(r["error"] is None and r["output_tokens"] > 0 for r in records), records
+    assert all(isinstance(r["cached_tokens"], int) for r in records)  # vLLM reports its prefix-cache hits
     assert "## Served (vLLM, base" in (vllm_recipe["dir"] / "run_card.md").read_text()
 
 

@@ -151,6 +151,7 @@ def manifests(spec: ServeSpec, ranks: dict[str, int] | None = None) -> list[dict
         str(spec.vllm.max_loras),
         "--max-lora-rank",
         str(lora_rank(spec.vllm, list((ranks or {}).values()))),
+        "--enable-prompt-tokens-details",
     ]
     if spec.adapters:
         args += ["--lora-modules", *[f"{n}={mount}/{k.adapters_path.strip('/')}/{n}" for n in spec.adapters]]

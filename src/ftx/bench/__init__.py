@@ -79,7 +79,8 @@ class BenchResult(BaseModel):
     apis: list[dict]
     compare: list[dict] | None
     interrupted: bool
-    prompts: dict
+    prompts: dict = Field(description="source, count, seed (synthetic), api, max_tokens, ignore_eos")
+    warnings: list[str] = Field(default_factory=list, description="e.g. a level served mostly from a prompt cache")
     # headline figures (the best level, else the last one) of the first target
     requests: int
     errors: int
@@ -144,10 +145,11 @@ async def _run_levels(cfg, targets, prompts, tokenizer, records, done_levels, on
     current = None
     try:
         for j, level in enumerate(cfg.levels()):
-            for t in targets if j % 2 == 0 else targets[::-1]:
+            for k, t in list(enumerate(targets)) if j % 2 == 0 else list(enumerate(targets))[::-1]:
                 current = (t.name, level, asyncio.get_running_loop().time())
+                here = prompts.get(j, k)
                 info = await client.run_level(
-                    cfg, level, t.base_url, t.api_key, t.models, prompts, records, tokenizer, on_done, target=t.name
+                    cfg, level, t.base_url, t.api_key, t.models, here, records, tokenizer, on_done, target=t.name
                 )
                 done_levels.append({"target": t.name, "level": level, **info})
                 current = None
@@ -168,13 +170,17 @@ async def _run_levels(cfg, targets, prompts, tokenizer, records, done_levels, on
 
 
 def run(
-    cfg: BenchConfig, targets: list[Target], prompts: list, out: Path, tokenizer=None, preflight: bool = True
+    cfg: BenchConfig, targets: list[Target], prompts, out: Path, tokenizer=None, preflight: bool = True
 ) -> BenchResult:
-    """Bench every target at every level, write the outputs into `out`, return the summary. Raises
-    KeyboardInterrupt after writing the partial results when interrupted."""
+    """Bench every target at every level with `prompts` (a PromptSet, or a list sent as it is), write the outputs
+    into `out`, return the summary. Raises KeyboardInterrupt after writing the partial results when interrupted."""
     from rich.progress import Progress
 
     from . import client, report, stats
+    from .prompts import PromptSet
+
+    if not isinstance(prompts, PromptSet):
+        prompts = PromptSet(list(prompts))
 
     if cfg.ignore_eos is None:
         cfg = cfg.model_copy(update={"ignore_eos": cfg.prompts.source == "synthetic"})
@@ -205,13 +211,15 @@ def run(
             )
         per_target.append({"name": t.name, "base_url": t.base_url, "models": t.models, "levels": lv})
     result = _result(cfg, per_target, interrupted, prompts)
+    for w in result.warnings:
+        progress.console.print(f"[yellow]warning:[/] {w}", highlight=False)
     report.write(out, cfg, result, records)
     if interrupted:
         raise KeyboardInterrupt
     return result
 
 
-def _result(cfg: BenchConfig, per_target: list[dict], interrupted: bool, prompts: list) -> BenchResult:
+def _result(cfg: BenchConfig, per_target: list[dict], interrupted: bool, prompts) -> BenchResult:
     from . import cost as C
     from . import report, stats
 
@@ -231,13 +239,14 @@ def _result(cfg: BenchConfig, per_target: list[dict], interrupted: bool, prompts
         targets=per_target,
         slo=cfg.slo.model_dump(),
         interrupted=interrupted,
+        warnings=stats.cache_warnings(per_target),
         best={"level": best["level"], "summary": best["summary"]} if best else None,
         cost=own,
         apis=apis,
         compare=report.compare_rows(per_target) if len(per_target) > 1 else None,
         prompts={
             "source": cfg.prompts.source,
-            "count": len(prompts),
+            **prompts.describe(),
             "api": cfg.api,
             "max_tokens": cfg.max_tokens,
             "ignore_eos": cfg.ignore_eos,
@@ -254,21 +263,21 @@ def _result(cfg: BenchConfig, per_target: list[dict], interrupted: bool, prompts
     )
 
 
-def load_prompts(cfg: BenchConfig, heldout: list[list[dict]] | None = None, tokenizer=None) -> list:
-    """The prompts the config asks for (held-out conversations are passed in by the recipe)."""
+def load_prompts(cfg: BenchConfig, heldout: list[list[dict]] | None = None, tokenizer=None):
+    """The prompts the config asks for, as a PromptSet (held-out conversations are passed in by the recipe)."""
     from ..core.errors import FtxError
     from . import prompts as P
 
     src = cfg.prompts
     if src.source == "synthetic":
-        return P.synthetic(src.input_tokens, src.count, src.seed, tokenizer)
+        return P.PromptSet(synthetic=src, tokenizer=tokenizer)
     if src.source == "file":
         if src.path is None:
             raise FtxError("bench.prompts.path: needed for source file")
-        return P.from_file(src.path, src.encoding)
+        return P.PromptSet(P.from_file(src.path, src.encoding))
     if not heldout:
         raise FtxError("bench.prompts.source heldout: no held-out prompts here (use file or synthetic)")
-    return [m[:-1] if m[-1]["role"] == "assistant" else m for m in heldout]
+    return P.PromptSet([m[:-1] if m[-1]["role"] == "assistant" else m for m in heldout])
 
 
 def summary_json(path: Path) -> dict:

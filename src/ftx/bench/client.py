@@ -51,6 +51,7 @@ async def one_request(client, model: str, prompt, cfg, t_origin: float, tokenize
         "itl_s": [],
         "input_tokens": None,
         "output_tokens": None,
+        "cached_tokens": None,
         "chunks": 0,
         "token_source": None,
         "finish_reason": None,
@@ -109,6 +110,9 @@ async def one_request(client, model: str, prompt, cfg, t_origin: float, tokenize
                 usage["completion_tokens"],
                 "usage",
             )
+            # prompt tokens the server took from its prompt cache (llama-server; vLLM with
+            # --enable-prompt-tokens-details): a high share makes TTFT a warm-cache figure
+            rec["cached_tokens"] = (usage.get("prompt_tokens_details") or {}).get("cached_tokens")
         elif tokenizer is not None:  # the server sent no usage: count with the model's tokenizer
             rec["output_tokens"] = P.count_tokens(tokenizer, "".join(text))
             rec["input_tokens"] = P.count_prompt_tokens(tokenizer, prompt, cfg.api)

@@ -134,7 +134,12 @@ class PromptsConfig(BaseModel):
         description="HF dir or packaged model name: synthetic lengths and the "
         "token-count fallback (default: the recipe's base model)",
     )
-    seed: int = 0
+    seed: int | None = Field(
+        None,
+        description="synthetic: the prompts' seed. Unset: a fresh seed per run, recorded in the results, and other "
+        "prompts for every level and target, so no measurement is served from a prompt cache that an earlier one "
+        "filled. Set it to send the same prompts again on purpose (a warm-cache measurement)",
+    )
 
 
 def load_tokenizer(ref: str | None):
@@ -180,7 +185,7 @@ def from_file(path: Path, encoding: str = "utf-8") -> list[list[dict] | str]:
     return out
 
 
-def synthetic(n_tokens: int, count: int, seed: int, tokenizer=None) -> list[str]:
+def synthetic(n_tokens: int, count: int, seed: int | list[int], tokenizer=None) -> list[str]:
     """`count` random-word prompts of exactly `n_tokens` tokens with a tokenizer (re-encoded and trimmed, as
     vLLM's random dataset does), else of `n_tokens` words (about as many tokens for English words)."""
     import numpy as np
@@ -201,6 +206,32 @@ def synthetic(n_tokens: int, count: int, seed: int, tokenizer=None) -> list[str]
             text = tokenizer.decode(ids)
         out.append(text)
     return out
+
+
+class PromptSet:
+    """A bench's prompts: one fixed list (held-out prompts, a file), or synthetic prompts drawn for each level
+    and target from the run's seed (levels and targets never share a synthetic prompt)."""
+
+    def __init__(self, fixed: list | None = None, synthetic: PromptsConfig | None = None, tokenizer=None):
+        self.fixed, self.cfg, self.tokenizer, self._drawn = fixed, synthetic, tokenizer, {}
+        self.seed = None
+        if synthetic is not None:
+            import secrets
+
+            self.seed = synthetic.seed if synthetic.seed is not None else secrets.randbits(31)
+
+    def get(self, level: int, target: int) -> list:
+        if self.fixed is not None:
+            return self.fixed
+        if (level, target) not in self._drawn:
+            c, seed = self.cfg, [self.seed, level, target]
+            self._drawn[(level, target)] = synthetic(c.input_tokens, c.count, seed, self.tokenizer)
+        return self._drawn[(level, target)]
+
+    def describe(self) -> dict:
+        if self.fixed is not None:
+            return {"count": len(self.fixed), "seed": None, "fresh_per_level": False}
+        return {"count": self.cfg.count, "seed": self.seed, "fresh_per_level": True}
 
 
 def as_messages(p: list[dict] | str) -> list[dict]:

@@ -50,6 +50,10 @@ def _tokens(v) -> str:
     return f"{v:.0f}"
 
 
+def _share(v) -> str:
+    return "n/a" if v is None else f"{100 * v:.0f}%"
+
+
 def level_name(mode: str) -> str:
     from .loads import PROFILES
 
@@ -59,9 +63,9 @@ def level_name(mode: str) -> str:
 def levels_table(mode: str, levels: list[dict]) -> str:
     head = (
         f"| {level_name(mode)} | req/s | output tok/s | TTFT P50 / P99 ms | TPOT P50 / P99 ms | ITL P99 ms "
-        "| E2E P50 / P99 ms | errors | goodput req/s (good %) | SLO |"
+        "| E2E P50 / P99 ms | errors | goodput req/s (good %) | SLO | prompt cached |"
     )
-    lines = [head, "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    lines = [head, "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
     for lv in levels:
         s = lv["summary"]
         g = s["goodput"]
@@ -71,7 +75,7 @@ def levels_table(mode: str, levels: list[dict]) -> str:
             f"| {_ms(s['tpot_s']['p50'])} / {_ms(s['tpot_s']['p99'])} | {_ms(s['itl_s']['p99'])} "
             f"| {_ms(s['e2e_s']['p50'])} / {_ms(s['e2e_s']['p99'])} | {s['errors']}/{s['requests']} "
             f"| {g['requests_per_s']:.2f} ({100 * g['good_fraction']:.0f}%) "
-            f"| {'meets' if s['meets_slo'] else 'misses'} |"
+            f"| {'meets' if s['meets_slo'] else 'misses'} | {_share(s.get('cached_share'))} |"
         )
     return "\n".join(lines)
 
@@ -189,6 +193,10 @@ def markdown(result: dict) -> str:
             f"{c['cpu_ms_per_request']:.1f} ms CPU per request, event-loop lag P99 "
             f"{c['loop_lag_p99_ms']:.1f} ms."
         )
+    p = result.get("prompts") or {}
+    if p.get("seed") is not None:
+        parts.append(f"Synthetic prompts, seed {p['seed']} (other prompts at every level and target).")
+    parts += [f"**Warning:** {w}" for w in result.get("warnings") or []]
     if result.get("interrupted"):
         parts.append("**Interrupted (Ctrl-C): these are the requests that finished.**")
     return "\n".join(parts).strip() + "\n"

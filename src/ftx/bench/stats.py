@@ -81,6 +81,8 @@ def summarize(records: list[dict], wall_s: float, slo: SLO) -> dict:
     error_rate = (n - len(ok)) / n if n else 0.0
     checks["error_rate"] = {"value": error_rate, "limit": slo.max_error_rate, "ok": error_rate <= slo.max_error_rate}
     sources = {r.get("token_source") for r in ok}
+    told = [r for r in ok if r.get("cached_tokens") is not None]  # the records whose server reported it
+    told_in = sum(r["input_tokens"] or 0 for r in told)
     return {
         "requests": n,
         "ok": len(ok),
@@ -90,6 +92,8 @@ def summarize(records: list[dict], wall_s: float, slo: SLO) -> dict:
         "wall_s": wall_s,
         **dists,
         "input_tokens": in_tok,
+        "cached_input_tokens": sum(r["cached_tokens"] for r in told) if told else None,
+        "cached_share": sum(r["cached_tokens"] for r in told) / told_in if told_in else None,
         "output_tokens": out_tok,
         "request_throughput": per_s(len(ok)),
         "output_tokens_per_s": per_s(out_tok),
@@ -111,6 +115,24 @@ def summarize(records: list[dict], wall_s: float, slo: SLO) -> dict:
         "meets_slo": all(c["ok"] for c in checks.values()) and len(ok) > 0,
         "token_source": sources.pop() if len(sources) == 1 else ("mixed" if sources else "none"),
     }
+
+
+MOSTLY_CACHED = 0.5  # a level with more of its prompt tokens from the server's cache gets a warning
+
+
+def cache_warnings(per_target: list[dict]) -> list[str]:
+    """One line per level whose prompt tokens came mostly from the server's prompt cache."""
+    out = []
+    for t in per_target:
+        for lv in t["levels"]:
+            share = lv["summary"].get("cached_share")
+            if share is not None and share > MOSTLY_CACHED:
+                out.append(
+                    f"{t['name']} at {lv['level']:g}: {100 * share:.0f}% of the prompt tokens came from the server's "
+                    "prompt cache, so TTFT and throughput are warm-cache figures (the prompts repeat: use more "
+                    "prompts, or synthetic ones, which are fresh per run unless prompts.seed is set)"
+                )
+    return out
 
 
 def best_level(levels: list[dict]) -> dict | None:

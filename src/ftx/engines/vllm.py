@@ -88,6 +88,7 @@ class Vllm(Engine):
             str(settings.max_loras),
             "--max-lora-rank",
             str(rank),
+            "--enable-prompt-tokens-details",  # usage reports the prompt tokens served from the prefix cache
         ]
         if adapters:
             cmd += ["--lora-modules", *[f"{n}={p}" for n, p in adapters.items()]]
