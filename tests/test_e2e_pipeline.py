@@ -128,6 +128,7 @@ def test_changed_train_settings_rerun_train_only_and_early_stopping_keeps_the_be
     run_dir, manifest = ftx_run(
         quickstart_run["out"],
         "train.max_steps=4",
+        "train.batch_size=2",
         "train.eval_every=1",
         "train.early_stopping_patience=1",
         "train.learning_rate=5e-2",
@@ -156,6 +157,7 @@ def test_training_killed_with_sigkill_resumes_to_the_same_loss(quickstart_run):
     out = quickstart_run["out"]
     extra = (
         "train.max_steps=3",
+        "train.batch_size=2",
         "train.eval_every=3",
         "train.save_every=1",
         "train.learning_rate=2e-3",
