@@ -17,6 +17,12 @@ REGEX = r'\{"category": "(math|geography|language|units)", "answer": "[^"]*"\}' 
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The suite keeps both cores busy with several processes at once (the background quickstart run trains while the
+# unit tier runs; a client and a server in the e2e tier). OpenMP threads that spin while they wait (libgomp's
+# default, in torch and in llama.cpp) then burn the CPU the other process needs: on this 2-core machine, a
+# training step next to one busy process took 17.6 s spinning and 10.3 s passive (7.2-7.7 s alone either way),
+# llama.cpp scoring 13.1 s vs 9.6 s. Alone, passive costs llama.cpp 13-25%, so ftx itself leaves the default.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 @pytest.fixture
@@ -38,6 +44,7 @@ SETTINGS = [
     "train.eval_every=10",
     f"bench.requests={BENCH_REQUESTS}",
     "export.eval_tokens=2048",
+    "export.termination.prompts=8",
 ]
 
 

@@ -101,6 +101,7 @@ def test_quality_gate_measures_every_quant_and_serves_the_smallest_passing(quick
     for f in quants.values():
         assert 0 <= f["mean_kld"] <= f["p99_kld"] and 0 < f["same_top"] <= 1
         within = f["mean_kld"] <= budgets["max_mean_kld"] and abs(f["ppl_ratio"] - 1) <= budgets["max_ppl_ratio"] - 1
+        within = within and f["clean_stop_rate"] >= 0.95  # and it stops where the runtime stops it
         assert f["passed"] is within, f  # the verdict follows from the figures and the budgets (PPL both ways)
         assert f["all_mean_kld"] is not None and f["all_ppl_ratio"] > 0
     # the gate scores the answers: SmolLM2's template puts its default system prompt into every conversation,
@@ -133,6 +134,34 @@ def test_quality_gate_measures_every_quant_and_serves_the_smallest_passing(quick
     assert q4_metrics["same_top"] == pytest.approx((p.argmax(-1) == q.argmax(-1)).mean(), abs=0.01)
 
 
+def test_every_artifact_stops_on_the_stop_set_and_a_foreign_end_token_is_caught(quickstart_run, heldout):
+    """Each GGUF answered held-out prompts through llama.cpp and ended them on <|im_end|>, the end token the
+    model declares, its GGUF metadata names and the Modelfile stops on. A model that declares another end token
+    than it emits (as one whose training data ended turns differently) fails the export, or extends the set."""
+    from transformers import AutoTokenizer
+
+    from ftx.core.chat import prompt_ids
+    from ftx.core.errors import FtxError
+    from ftx.formats import FORMATS
+    from ftx.formats import termination as T
+
+    ex = quickstart_run["card"]["export"]
+    t = ex["termination"]
+    assert t["stop_set"] == t["declared"] == t["artifact_end_ids"] == ["<|im_end|>"] and t["template_matches"]
+    for f in ex["files"]:
+        assert f["clean_stop_rate"] >= 0.95 and sum(f["ends"].values()) == t["prompts"], f
+    assert 'PARAMETER stop "<|im_end|>"' in (quickstart_run["dir"] / "Modelfile").read_text()
+    assert "Termination: each file answered" in (quickstart_run["dir"] / "run_card.md").read_text()
+    tok = AutoTokenizer.from_pretrained(quickstart_run["dir"] / "merged")
+    prompts = [prompt_ids(tok, m[:-1]) for m in heldout[:3]]
+    f16 = [("f16", quickstart_run["dir"] / "model-f16.gguf")]
+    wrong = {0: "<|endoftext|>"}  # declared, but the fine-tune ends its turns with <|im_end|>
+    with pytest.raises(FtxError, match=r"ends only 0% of 3 .*ended on <\|im_end\|> 3x"):
+        T.check(FORMATS["gguf"], f16, prompts, wrong, T.Termination(), tok.chat_template)
+    r = T.check(FORMATS["gguf"], f16, prompts, wrong, T.Termination(other_end_token="extend"), tok.chat_template)
+    assert r.extended == ["<|im_end|>"] and r.files["f16"].clean_stop_rate == 1.0 and "added to the stop set" in r.note
+
+
 def test_imatrix_quantization_uses_the_training_conversations(quickstart_run):
     run_dir, manifest = ftx_run(
         quickstart_run["out"],
@@ -143,6 +172,7 @@ def test_imatrix_quantization_uses_the_training_conversations(quickstart_run):
         "export.gguf.quants=[q4_k_m]",
         "export.quality_gate=null",
         "export.lora_adapter=false",
+        "export.termination=null",
         "--until",
         "export",
     )
@@ -167,6 +197,7 @@ def test_quality_gate_that_nothing_passes_fails_the_export_cleanly(quickstart_ru
             "export.quality_gate.max_mean_kld=1e-7",
             "export.gguf.quants=[q4_k_m]",
             "export.eval_tokens=1024",
+            "export.termination=null",
             "--until",
             "export",
         ),

@@ -92,3 +92,51 @@ def test_rows_without_assistant_tokens_score_every_unique_position():
 def test_the_ppl_ratio_is_checked_both_ways(ratio, ok):
     g = gate.QualityGate(max_mean_kld=None, max_ppl_ratio=1.05)
     assert g.within({"mean_kld": 0.0, "ppl_ratio": ratio, "p99_kld": 0.0, "same_top": 1.0}) is ok
+
+
+class _Answers:
+    """A format whose runtime's answers are given (the classification is pure logic; the real one is e2e)."""
+
+    EOG = {2: "<|im_end|>", 0: "<|endoftext|>"}
+
+    def __init__(self, answers: dict):
+        self.answers = answers
+
+    def generate(self, path, prompts, max_tokens):
+        return self.answers[path], self.EOG
+
+    def metadata(self, path):
+        return {"end_ids": [2], "chat_template": "T"}
+
+
+def test_termination_classifies_how_answers_end_and_gates_the_variants():
+    from ftx.core.errors import FtxError
+    from ftx.formats import termination as T
+
+    clean, other, runaway = [5, 6, 2], [5, 0], [5] * 8
+    fmt = _Answers({"ref": [clean] * 19 + [other], "q": [clean] * 10 + [runaway] * 10})
+    cfg = T.Termination(max_tokens=8)
+    r = T.check(fmt, [("f16", "ref"), ("q4", "q")], [[1]] * 20, {2: "<|im_end|>"}, cfg, "T")
+    assert r.stop_set == ["<|im_end|>"] and r.template_matches and r.artifact_end_ids == ["<|im_end|>"]
+    assert r.files["f16"].clean_stop_rate == 0.95 and r.files["f16"].ends == {"<|im_end|>": 19, "<|endoftext|>": 1}
+    assert r.files["q4"].ends == {"<|im_end|>": 10, T.RUNAWAY: 10} and r.files["q4"].clean_stop_rate == 0.5
+    # the fine-tune itself ends on another end token: the export fails, naming it, unless told to extend
+    fmt = _Answers({"ref": [other] * 18 + [clean] * 2})
+    with pytest.raises(FtxError, match=r"ends only 10% of 20 .* ended on <\|endoftext\|> 18x, <\|im_end\|> 2x"):
+        T.check(fmt, [("f16", "ref")], [[1]] * 20, {2: "<|im_end|>"}, cfg, "T")
+    r = T.check(
+        fmt, [("f16", "ref")], [[1]] * 20, {2: "<|im_end|>"}, cfg.model_copy(update={"other_end_token": "extend"}), "X"
+    )
+    assert r.extended == ["<|endoftext|>"] and r.files["f16"].clean_stop_rate == 1.0 and "added" in r.note
+    assert r.template_matches is False
+    # runaway answers are never fixed by extending the stop set
+    fmt = _Answers({"ref": [runaway] * 20})
+    with pytest.raises(FtxError, match="run away"):
+        T.check(
+            fmt,
+            [("f16", "ref")],
+            [[1]] * 20,
+            {2: "<|im_end|>"},
+            cfg.model_copy(update={"other_end_token": "extend"}),
+            "T",
+        )

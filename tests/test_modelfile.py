@@ -127,6 +127,8 @@ def test_modelfile_for_smollm2_from_its_gguf(tok, ggufs, tmp_path):
     assert 'SYSTEM """You are a helpful AI assistant named SmolLM, trained by Hugging Face"""' in text
     stops = [line.split('"')[1] for line in text.splitlines() if line.startswith("PARAMETER stop")]
     assert stops[0] == tok.eos_token == "<|im_end|>" and "<|im_start|>" in stops
+    # an end token the export's termination check added (export.termination.other_end_token: extend) joins them
+    assert mf.stop_tokens(tok, base, "chatml", ["<|endoftext|>"]) == [*stops, "<|endoftext|>"]
     template = text.split('TEMPLATE """', 1)[1].split('"""', 1)[0]
     assert template == (ROOT / "modelfiles" / "chatml.gotmpl").read_text()
     assert (tmp_path / "Modelfile.proof.json").is_file()

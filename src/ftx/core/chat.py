@@ -32,6 +32,18 @@ def _ids(x) -> list[int]:
     return list(x)
 
 
+def end_ids(tokenizer, model_dir: Path | None = None) -> list[int]:
+    """The model's declared end tokens: generation_config's eos_token_id (one or several), then the tokenizer's."""
+    ids: list[int] = []
+    gen = Path(model_dir) / "generation_config.json" if model_dir else None
+    if gen and gen.is_file():
+        eos = json.loads(gen.read_text()).get("eos_token_id")
+        ids += eos if isinstance(eos, list) else [eos] if eos is not None else []
+    if tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    return list(dict.fromkeys(ids))
+
+
 def prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
     return _ids(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
 

@@ -231,3 +231,33 @@ def logits(path: Path, seqs: list[list[int]], lora: Path | None = None):
     import numpy as np
 
     return np.concatenate([x for x, _ in scores(path, seqs, lora)])
+
+
+def generate(path: Path, prompts: list[list[int]], max_tokens: int) -> tuple[list[list[int]], dict[int, str]]:
+    """Greedy answers to exact prompt token ids, each up to and including the first end-of-generation token
+    (llama.cpp's own test, llama_vocab_is_eog: what llama-server stops on) or `max_tokens` tokens. Returns the
+    answers and the model's end-of-generation tokens {id: text}."""
+    import llama_cpp
+    from llama_cpp import Llama
+
+    n_ctx = max(map(len, prompts)) + max_tokens + 8
+    # every core for decoding (the bindings' default is half of them; prompts already get all)
+    llm = Llama(model_path=str(path), n_ctx=n_ctx, n_threads=os.cpu_count() or 1, verbose=False)
+    try:
+        vocab = llm._model.vocab  # the bindings' high-level API has no is_eog
+        eog = {
+            t: llm.detokenize([t], special=True).decode("utf-8", errors="replace")
+            for t in range(llm.n_vocab())
+            if llama_cpp.llama_vocab_is_eog(vocab, t)
+        }
+        answers = []
+        for ids in prompts:
+            out = []
+            for t in llm.generate(ids, temp=0.0, top_k=1, repeat_penalty=1.0, reset=True):
+                out.append(t)
+                if t in eog or len(out) >= max_tokens:
+                    break
+            answers.append(out)
+        return answers, eog
+    finally:
+        del llm

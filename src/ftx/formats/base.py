@@ -48,6 +48,15 @@ class Format:
         """(log-probabilities [n, vocab], token ids) per sequence."""
         raise NotImplementedError
 
+    def generate(self, path: Path, prompts: list[list[int]], max_tokens: int) -> tuple[list[list[int]], dict[int, str]]:
+        """Greedy answers to prompt token ids as the format's runtime produces them, each ending on the first
+        token the runtime stops on, or after `max_tokens`; and those end tokens {id: text}."""
+        raise NotImplementedError
+
+    def metadata(self, path: Path) -> dict:
+        """What the artifact itself says about how to use it: its end tokens and chat template, when it says."""
+        return {}
+
     def extras(self, settings, out: Path) -> dict:
         """Facts for the result beyond the files (e.g. the importance matrix used)."""
         return {}

@@ -171,10 +171,12 @@ def select(files: list, gate: QualityGate | None, reference: str) -> str:
         table = "; ".join(
             f"{f.name}: KLD {f.mean_kld:.4f}, PPL ratio {f.ppl_ratio:.3f}, P99 KLD {f.p99_kld:.3f}, "
             f"same top {f.same_top:.1%}"
+            + (f", clean stops {f.clean_stop_rate:.0%}" if f.clean_stop_rate is not None else "")
             for f in variants
         )
         raise FtxError(
-            f"no quant passes export.quality_gate ({gate.model_dump(exclude_none=True)}): {table}; "
+            f"no quant passes export.quality_gate ({gate.model_dump(exclude_none=True) if gate else 'off'}) "
+            f"and export.termination: {table}; "
             "relax the budgets or add larger quants"
         )
     return ok[0].name if ok else reference

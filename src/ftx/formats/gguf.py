@@ -119,5 +119,16 @@ class Gguf(Format):
     def logprobs(self, path: Path, seqs: list[list[int]]):
         return gguf.logprobs(path, seqs)
 
+    def generate(self, path: Path, prompts: list[list[int]], max_tokens: int):
+        return gguf.generate(path, prompts, max_tokens)
+
+    def metadata(self, path: Path) -> dict:
+        keys = ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.chat_template")
+        f = gguf.fields(path, keys)
+        return {
+            "end_ids": sorted({f[k] for k in keys[:2] if k in f}),
+            "chat_template": f.get("tokenizer.chat_template"),
+        }
+
     def extras(self, settings: GgufSettings, out: Path) -> dict:
         return {"imatrix": "imatrix.gguf" if (out / "imatrix.gguf").exists() else None}

@@ -4,7 +4,7 @@ of `Step` and one line in ftx/packaging/__init__.py; its setting becomes the rec
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -27,6 +27,7 @@ class Job:
     ref_logits: Any  # the HF model's logits on `seqs`
     base_dir: Path | None = None
     adapter_dir: Path | None = None
+    extra_stops: list[str] = field(default_factory=list)  # end tokens the termination check added to the stop set
 
 
 class Step:

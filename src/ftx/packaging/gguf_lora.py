@@ -75,6 +75,7 @@ class GgufLoraStep(Step):
             job.out / "Modelfile.adapter",
             adapter=adapter_gguf,
             parameters=rt["parameters"],
+            extra_stops=job.extra_stops,
         )
         return LoraGguf(
             base_file=base_gguf.name,

@@ -269,18 +269,13 @@ def prove(tok, chat_template: str, cpp: LlamaCpp, families: list[str] | None = N
     )
 
 
-def stop_tokens(tok, model_dir: Path | None, family: str) -> list[str]:
-    """EOS tokens of the tokenizer and generation_config, then the family's end-of-turn markers that are
-    single tokens of this vocabulary."""
-    ids: list[int] = []
-    gen = Path(model_dir) / "generation_config.json" if model_dir else None
-    if gen and gen.is_file():
-        eos = json.loads(gen.read_text()).get("eos_token_id")
-        ids += eos if isinstance(eos, list) else [eos] if eos is not None else []
-    if tok.eos_token_id is not None:
-        ids.append(tok.eos_token_id)
+def stop_tokens(tok, model_dir: Path | None, family: str, extra: list[str] = ()) -> list[str]:
+    """EOS tokens of the tokenizer and generation_config, then the family's end-of-turn markers and `extra` (end
+    tokens the export's termination check added) that are single tokens of this vocabulary."""
+    from ..core.chat import end_ids
+
     stops = []
-    for t in [tok.convert_ids_to_tokens(i) for i in ids] + FAMILIES[family]:
+    for t in [tok.convert_ids_to_tokens(i) for i in end_ids(tok, model_dir)] + FAMILIES[family] + list(extra):
         if t and t not in stops and len(tok(t, add_special_tokens=False)["input_ids"]) == 1 and t in tok.get_vocab():
             stops.append(t)
     return stops
@@ -345,6 +340,7 @@ def write(
     adapter: Path | None = None,
     log: Path | None = None,
     parameters: dict | None = None,
+    extra_stops: list[str] = (),
 ) -> Proof:
     """Prove the template against llama.cpp serving `gguf` (with `adapter`), then write `dst` and
     `dst`.proof.json. Unproven: only the proof file, which says why."""
@@ -365,7 +361,7 @@ def write(
             rel(gguf),
             name,
             num_ctx,
-            stop_tokens(tok, model_dir, proof.family),
+            stop_tokens(tok, model_dir, proof.family, extra_stops),
             dst.name,
             rel(adapter) if adapter else None,
             parameters,
@@ -514,6 +510,7 @@ class ModelfileStep(Step):
                 rt["num_ctx"],
                 job.out / "Modelfile",
                 parameters=rt["parameters"],
+                extra_stops=job.extra_stops,
             )
         return ModelfileResult(
             file="Modelfile" if proof.proven else None, gguf=gguf.name, family=proof.family, note=proof.reason, **rt

@@ -16,6 +16,7 @@ from ..core.config import InputDir, InputFile
 from ..core.errors import FtxError
 from ..formats import FORMATS
 from ..formats.gate import QualityGate
+from ..formats.termination import Termination, TerminationResult
 from ..packaging import STEPS, Job
 from ..stage import Artifact, Stage
 
@@ -29,6 +30,11 @@ class _ExportBase(BaseModel):
     )
     min_top1_agreement: float = Field(
         0.99, ge=0, le=1, description="reference artifact vs the HF model, on validation tokens"
+    )
+    termination: Termination | None = Field(
+        default_factory=Termination,
+        description="every artifact answers held-out prompts: the share ending on the stop set is gated "
+        "(ftx.formats.termination); null: no check",
     )
     check_tokens: int = Field(512, ge=16, description="validation tokens for the top-1 checks against HF")
     eval_tokens: int = Field(
@@ -99,6 +105,8 @@ class ExportFile(BaseModel):
     same_top: float | None = Field(None, description="tokens whose top-1 equals the reference's")
     all_mean_kld: float | None = Field(None, description="mean KLD over every token, a shared prefix counted once")
     all_ppl_ratio: float | None = Field(None, description="PPL ratio over every token, a shared prefix counted once")
+    clean_stop_rate: float | None = Field(None, description="held-out answers that ended on the stop set")
+    ends: dict[str, int] | None = Field(None, description="how the held-out answers ended: end token -> count")
     passed: bool | None = Field(None, description="within the quality gate (None: reference or no gate)")
 
 
@@ -114,6 +122,7 @@ class ExportResult(BaseModel):
         "prefix already scored in an earlier conversation (counted once in the all-token figures)",
     )
     lineage: str | None = None
+    termination: TerminationResult | None = None
     extras: dict = Field(default_factory=dict, description="format facts (GGUF: the importance matrix)")
     packaging: dict[str, dict] = Field(default_factory=dict, description="result of each packaging step that ran")
 
@@ -180,8 +189,9 @@ def export(
 ) -> ExportResult:
     from rich.progress import Progress
 
+    from ..core.chat import end_ids, prompt_ids, read_split
     from ..core.models import check_sequences, load_base, token_logits
-    from ..formats import gate
+    from ..formats import gate, termination
 
     fmt = FORMATS[cfg.format]
     settings = getattr(cfg, fmt.name)
@@ -203,7 +213,7 @@ def export(
     scratch = out / ".reference"
     scratch.mkdir()
     with Progress() as progress:
-        task = progress.add_task("export", total=2 + len(fmt.artifact_names(settings)))
+        task = progress.add_task("export", total=3 + len(fmt.artifact_names(settings)))
         progress.update(task, description="convert")
         ref_name, ref_path = fmt.reference(settings, model_dir, out, name, lineage, base_model)
         progress.advance(task)
@@ -235,6 +245,25 @@ def export(
             f.passed = cfg.quality_gate.within(f.model_dump()) if cfg.quality_gate else None
             files.append(f)
             progress.advance(task)
+        term = None
+        if cfg.termination:
+            held = read_split(heldout_file or val_file)[: cfg.termination.prompts]
+            prompts = [prompt_ids(tok, m[:-1] if m[-1]["role"] == "assistant" else m) for m in held]
+            declared = {i: tok.convert_ids_to_tokens(i) for i in end_ids(tok, model_dir)}
+            term = termination.check(
+                fmt,
+                [(f.name, out / f.file) for f in files],
+                prompts,
+                declared,
+                cfg.termination,
+                tok.chat_template,
+                lambda what: progress.update(task, description=what),
+            )
+            for f in files:
+                f.clean_stop_rate, f.ends = term.files[f.name].clean_stop_rate, term.files[f.name].ends
+                if f.name != ref_name and f.clean_stop_rate < cfg.termination.min_clean_stop_rate:
+                    f.passed = False  # a quant that does not stop does not ship, whatever its KLD
+        progress.advance(task)
     shutil.rmtree(scratch)
     selected = gate.select(files, cfg.quality_gate, ref_name)
     job = Job(
@@ -250,6 +279,7 @@ def export(
         ref_logits=ref_logits,
         base_dir=base_dir,
         adapter_dir=adapter_dir,
+        extra_stops=term.extended if term else [],
     )
     packaging = {
         s.name: s.run(getattr(cfg, s.name), job).model_dump() for s in STEPS if s.enabled(getattr(cfg, s.name))
@@ -262,6 +292,7 @@ def export(
         eval_tokens=sum(len(x) - 1 for x in eval_seqs),
         scored=positions.split,
         lineage=lineage,
+        termination=term,
         extras=fmt.extras(settings, out),
         packaging=packaging,
     )
@@ -273,7 +304,8 @@ class Export(Stage):
     result = ExportResult
     needs = ("merge", "data", "adapter")
     reads = ("name", "base_model", "data.max_seq_len")
-    revision = 2  # 2: the gate scores assistant tokens, a shared prefix once, the PPL ratio both ways
+    # 2: the gate scores assistant tokens, a shared prefix once, the PPL ratio both ways; 3: the termination proof
+    revision = 3
 
     def run(self, ctx, out: Path) -> ExportResult:
         d = ctx.upstream("data").result
