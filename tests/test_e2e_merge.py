@@ -21,6 +21,17 @@ def test_merged_logits_match_base_plus_adapter(hf, heldout, quickstart_run):
     assert cmp["max_abs_diff"] < 1e-3 and cmp["top1_agreement"] == 1.0, cmp
     m = quickstart_run["card"]["merge"]
     assert m["max_abs_logit_diff"] < 1e-3 and m["tokens_checked"] >= 256 and m["top1_agreement"] == 1.0
+    a = m["adapter"]  # the adapter report: plain LoRA on every linear layer, loadable everywhere
+    assert (a["rank"], a["alpha"], a["trained_on"], a["modules_to_save"], a["embeddings"]) == (
+        8,
+        16,
+        "full precision",
+        [],
+        [],
+    )
+    assert a["lora_modules"] == sorted(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    assert all(t["supported"] for t in a["targets"]) and len(a["targets"]) == 4
+    assert "| vLLM --lora-modules | yes |" in (quickstart_run["dir"] / "run_card.md").read_text()
 
 
 def test_qlora_merge_reports_the_difference_from_the_4bit_model(quickstart_run, hf, qlora_run, base_dir, tmp_path):
@@ -52,6 +63,12 @@ def test_qlora_merge_reports_the_difference_from_the_4bit_model(quickstart_run, 
     assert proc.returncode == 0, proc.stderr[-2000:]
     r = json.loads((tmp_path / "m" / "merge.json").read_text())
     assert r["max_abs_logit_diff"] < 1e-3  # the merge itself is exact
+    assert r["adapter"]["trained_on"] == "4-bit (QLoRA)" and r["adapter"]["lora_modules"] == [
+        "k_proj",
+        "o_proj",
+        "q_proj",
+        "v_proj",
+    ]
     q = r["qlora"]
     assert q["base_vs_4bit_base"]["mean_kld"] > 1e-3 and q["merged_vs_4bit"]["mean_kld"] > 1e-3  # NF4 is lossy
     seqs = check_sequences(hf[0], val, 512)

@@ -94,3 +94,55 @@ def test_too_little_disk_space_is_refused(tmp_path, monkeypatch):
         fmt.check_disk(fmt.GgufSettings(), tmp_path, tmp_path)
     monkeypatch.setattr(fmt.shutil, "disk_usage", lambda p: Usage(10**12, 0, 10**10))
     fmt.check_disk(fmt.GgufSettings(), tmp_path, tmp_path)
+
+
+def _adapter(d, keys: dict, **config):
+    """A peft adapter directory with these tensors (name -> shape) and adapter_config.json."""
+    import torch
+    from safetensors.torch import save_file
+
+    d.mkdir()
+    (d / "adapter_config.json").write_text(json.dumps({"r": 4, "lora_alpha": 8, "peft_type": "LORA", **config}))
+    save_file({k: torch.zeros(shape) for k, shape in keys.items()}, str(d / "adapter_model.safetensors"))
+    return d
+
+
+def test_adapter_report_says_where_an_adapter_can_ship(tmp_path):
+    from ftx.core.adapters import TARGETS, check_for, portability
+
+    layer = "base_model.model.model.layers.0.self_attn"
+    plain = _adapter(
+        tmp_path / "plain",
+        {f"{layer}.q_proj.lora_A.weight": (4, 8), f"{layer}.q_proj.lora_B.weight": (8, 4)},
+        target_modules=["q_proj"],
+    )
+    r = portability(plain, trained_4bit=True)
+    assert (r["rank"], r["alpha"], r["lora_modules"], r["trained_on"]) == (4, 8, ["q_proj"], "4-bit (QLoRA)")
+    assert [t["target"] for t in r["targets"]] == list(TARGETS) and all(t["supported"] for t in r["targets"])
+    assert "4-bit base" in r["targets"][0]["reason"]
+    # modules_to_save: a full copy of lm_head, which neither llama.cpp's converter nor vLLM takes; merging does
+    saved = _adapter(
+        tmp_path / "saved",
+        {
+            f"{layer}.q_proj.lora_A.weight": (4, 8),
+            f"{layer}.q_proj.lora_B.weight": (8, 4),
+            "base_model.model.lm_head.weight": (16, 8),
+        },
+        target_modules=["q_proj"],
+        modules_to_save=["lm_head"],
+    )
+    r = portability(saved)
+    assert [t["supported"] for t in r["targets"]] == [True, False, False, False] and r["full_tensors"] == [
+        "lm_head.weight"
+    ]
+    assert "modules_to_save" in r["targets"][1]["reason"] and "classifier/score" in r["targets"][3]["reason"]
+    with pytest.raises(FtxError, match="cannot be served by vLLM --lora-modules: vLLM loads modules_to_save only"):
+        check_for(TARGETS[3], "mine", saved)
+    # LoRA on lm_head of a model whose embeddings are tied: llama.cpp's converter drops it, vLLM takes it
+    head = _adapter(
+        tmp_path / "head",
+        {"base_model.model.lm_head.lora_A.weight": (4, 8), "base_model.model.lm_head.lora_B.weight": (16, 4)},
+        target_modules=["lm_head"],
+    )
+    r = portability(head, tied_embeddings=True)
+    assert r["embeddings"] == ["lm_head"] and [t["supported"] for t in r["targets"]] == [True, False, False, True]

@@ -21,7 +21,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..core.adapters import adapter_rank, check_name, check_peft_dir
+from ..core.adapters import TARGETS, adapter_rank, check_for, check_name, check_peft_dir
 from ..core.errors import FtxError
 from .base import Engine
 
@@ -54,7 +54,10 @@ class Vllm(Engine):
     startup_timeout_s = 300.0
 
     def check_adapters(self, adapters: dict[str, Path], model: Path) -> dict[str, Path]:
-        return {n: check_peft_dir(n, p, model) for n, p in adapters.items()}
+        checked = {n: check_peft_dir(n, p, model) for n, p in adapters.items()}
+        for n, p in checked.items():
+            check_for(TARGETS[3], n, p)
+        return checked
 
     def command(
         self, settings: VllmSettings, model: Path, name: str, adapters: dict[str, Path], host: str, port: int, key: str

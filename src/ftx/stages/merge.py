@@ -63,6 +63,9 @@ class MergeResult(BaseModel):
     tokens_checked: int
     adapters: list[dict] = Field(default_factory=list, description="combined adapters with their weights")
     qlora: QloraReport | None = None
+    adapter: dict | None = Field(
+        None, description="what the adapter holds and, per target (merge, GGUF LoRA, Ollama, vLLM), whether it loads"
+    )
 
 
 def model_card(name: str, base_model: str, license: str | None) -> str:
@@ -106,13 +109,14 @@ def merge(
 ) -> MergeResult:
     from peft import PeftModel
 
-    from ..core.adapters import check_fits_base
+    from ..core.adapters import check_fits_base, portability
     from ..core.models import check_sequences, compare_logits, load_base, pick_device, token_logits
 
     extra = cfg.combine.adapters if cfg.combine else []
     for a in [adapter_dir] + [a.path for a in extra]:
         check_fits_base(a, base_dir)
     model, tok = load_base(base_dir, "lora", pick_device())
+    report = portability(adapter_dir, method == "qlora", bool(getattr(model.config, "tie_word_embeddings", False)))
     seqs = check_sequences(tok, val_file, cfg.check_tokens)
     base_logits = token_logits(model, seqs) if method == "qlora" else None
     model = PeftModel.from_pretrained(model, adapter_dir, adapter_name="a0")
@@ -154,6 +158,7 @@ def merge(
         tokens_checked=cmp["tokens"],
         adapters=used if extra else [],
         qlora=qlora,
+        adapter=report,
     )
 
 
@@ -163,6 +168,7 @@ class Merge(Stage):
     result = MergeResult
     needs = ("adapter", "data")
     reads = ("name", "base_model", "license", "train.method")
+    revision = 2  # 2: the adapter report
 
     def validate(self, recipe, doc) -> None:
         for i, a in enumerate(recipe.merge.combine.adapters if recipe.merge.combine else []):
