@@ -228,15 +228,27 @@ def test_synthetic_prompts_are_fresh_per_run_level_and_target_unless_seeded():
     assert held.get(0, 0) == held.get(5, 1) == ["q1", "q2"] and held.describe()["seed"] is None
 
 
-def test_cached_prompt_tokens_are_summed_and_a_mostly_cached_level_is_warned():
+def test_cached_prompt_tokens_are_summed_and_warm_cache_levels_are_warned():
+    from ftx.bench import prompts as P
+
     cached = [dict(rec(0.05, 0.2, inp=100), cached_tokens=c) for c in (90, 99, 0)]
     s = stats.summarize(cached + [rec(0.05, 0.2, inp=100)], 1.0, stats.SLO())  # the last: no cached count
     assert s["cached_input_tokens"] == 189 and s["cached_share"] == pytest.approx(189 / 300)
     assert stats.summarize([rec(0.05, 0.2)], 1.0, stats.SLO())["cached_share"] is None
-    cold = stats.summarize([dict(rec(0.05, 0.2, inp=100), cached_tokens=10)], 1.0, stats.SLO())
-    targets = [{"name": "a", "levels": [{"level": 1, "summary": s}, {"level": 2, "summary": cold}]}]
-    (w,) = stats.cache_warnings(targets)
-    assert w.startswith("a at 1: 63% of the prompt tokens came from the server's prompt cache")
+    shared_prefix = s  # 63% cached: a shared system prompt is what production caches too, no warning
+    again = stats.summarize([dict(rec(0.05, 0.2, inp=100), cached_tokens=99)], 1.0, stats.SLO())  # an earlier run's
+    repeats = stats.summarize(
+        [dict(rec(0.05, 0.2, inp=100), cached_tokens=40, repeat=r) for r in (False, True, True)], 1.0, stats.SLO()
+    )
+    lv = lambda level, summary: {"level": level, "summary": summary}  # noqa: E731
+    targets = [{"name": "a", "levels": [lv(1, shared_prefix), lv(2, again), lv(4, repeats)]}]
+    w2, w4 = stats.cache_warnings(targets)
+    assert w2.startswith("a at 2: 99% of the prompt tokens came from the server's prompt cache")
+    assert w4.startswith("a at 4: 2 of 3 requests repeat a prompt sent earlier in this run") and "(40% of" in w4
+    # a fixed prompt list goes on where the last level stopped
+    ps = P.PromptSet(list("abcdefg"))
+    ps.stride = 3
+    assert ps.get(0, 0) == list("abcdefg") and ps.get(1, 0)[:3] == list("def") and ps.get(0, 1, 2)[:2] == list("de")
 
 
 def test_a_level_stops_sending_at_its_duration():

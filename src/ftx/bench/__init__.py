@@ -143,13 +143,14 @@ async def _run_levels(cfg, targets, prompts, tokenizer, records, done_levels, on
     from . import client
 
     current = None
+    seen: set = set()  # every prompt the run sent, so that a repeat (a likely prompt-cache hit) is marked
     try:
         for j, level in enumerate(cfg.levels()):
             for k, t in list(enumerate(targets)) if j % 2 == 0 else list(enumerate(targets))[::-1]:
                 current = (t.name, level, asyncio.get_running_loop().time())
-                here = prompts.get(j, k)
+                here = prompts.get(j, k, len(targets))
                 info = await client.run_level(
-                    cfg, level, t.base_url, t.api_key, t.models, here, records, tokenizer, on_done, target=t.name
+                    cfg, level, t.base_url, t.api_key, t.models, here, records, tokenizer, on_done, t.name, seen
                 )
                 done_levels.append({"target": t.name, "level": level, **info})
                 current = None
@@ -181,6 +182,7 @@ def run(
 
     if not isinstance(prompts, PromptSet):
         prompts = PromptSet(list(prompts))
+    prompts.stride = max(PROFILES[cfg.mode].requests(cfg, lv) for lv in cfg.levels()) + cfg.warmup
 
     if cfg.ignore_eos is None:
         cfg = cfg.model_copy(update={"ignore_eos": cfg.prompts.source == "synthetic"})

@@ -167,9 +167,10 @@ async def run_level(
     tokenizer=None,
     on_done=None,
     target: str | None = None,
+    seen: set | None = None,
 ) -> dict:
     """Run one load level; finished requests are appended to `records` as they complete (so an interrupted run
-    keeps them). Returns {wall_s, client overhead figures}."""
+    keeps them); `seen`: the prompts the run sent so far (a repeat is marked). Returns {wall_s, client figures}."""
     import numpy as np
 
     from .loads import PROFILES
@@ -188,8 +189,13 @@ async def run_level(
 
     async def send(i: int, sem: asyncio.Semaphore | None, keep: bool):
         async def go():
-            rec = await one_request(client, model_for(i), prompts[i % len(prompts)], cfg, t_origin, tokenizer)
-            rec.update(i=i, level=level, target=target)
+            prompt = prompts[i % len(prompts)]
+            key = json.dumps(prompt, sort_keys=True)
+            repeat = seen is not None and key in seen
+            if seen is not None:
+                seen.add(key)
+            rec = await one_request(client, model_for(i), prompt, cfg, t_origin, tokenizer)
+            rec.update(i=i, level=level, target=target, repeat=repeat)
             if keep:
                 records.append(rec)
             if on_done:

@@ -209,8 +209,9 @@ def synthetic(n_tokens: int, count: int, seed: int | list[int], tokenizer=None) 
 
 
 class PromptSet:
-    """A bench's prompts: one fixed list (held-out prompts, a file), or synthetic prompts drawn for each level
-    and target from the run's seed (levels and targets never share a synthetic prompt)."""
+    """A bench's prompts: one fixed list (held-out prompts, a file), rotated so that each level and target goes on
+    where the one before stopped, or synthetic prompts drawn for each level and target from the run's seed (levels
+    and targets never share a synthetic prompt)."""
 
     def __init__(self, fixed: list | None = None, synthetic: PromptsConfig | None = None, tokenizer=None):
         self.fixed, self.cfg, self.tokenizer, self._drawn = fixed, synthetic, tokenizer, {}
@@ -220,9 +221,12 @@ class PromptSet:
 
             self.seed = synthetic.seed if synthetic.seed is not None else secrets.randbits(31)
 
-    def get(self, level: int, target: int) -> list:
-        if self.fixed is not None:
-            return self.fixed
+    stride = 0  # requests a level sends (warmup included): a fixed list is rotated by as many per level and target
+
+    def get(self, level: int, target: int, targets: int = 1) -> list:
+        if self.fixed is not None:  # each level and target starts where the one before stopped: fewer repeats
+            k = (level * targets + target) * self.stride % len(self.fixed)
+            return self.fixed[k:] + self.fixed[:k]
         if (level, target) not in self._drawn:
             c, seed = self.cfg, [self.seed, level, target]
             self._drawn[(level, target)] = synthetic(c.input_tokens, c.count, seed, self.tokenizer)

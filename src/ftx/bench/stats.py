@@ -94,6 +94,7 @@ def summarize(records: list[dict], wall_s: float, slo: SLO) -> dict:
         "input_tokens": in_tok,
         "cached_input_tokens": sum(r["cached_tokens"] for r in told) if told else None,
         "cached_share": sum(r["cached_tokens"] for r in told) / told_in if told_in else None,
+        "repeated_prompts": sum(1 for r in records if r.get("repeat")),
         "output_tokens": out_tok,
         "request_throughput": per_s(len(ok)),
         "output_tokens_per_s": per_s(out_tok),
@@ -117,20 +118,30 @@ def summarize(records: list[dict], wall_s: float, slo: SLO) -> dict:
     }
 
 
-MOSTLY_CACHED = 0.5  # a level with more of its prompt tokens from the server's cache gets a warning
+MOSTLY_CACHED = 0.9  # beyond a shared system prompt: prompts the server has seen whole
 
 
 def cache_warnings(per_target: list[dict]) -> list[str]:
-    """One line per level whose prompt tokens came mostly from the server's prompt cache."""
+    """One line per level whose figures are warm-cache ones: requests that repeat a prompt sent earlier in the run,
+    or prompt tokens almost all from the server's cache (prompts an earlier run sent)."""
     out = []
     for t in per_target:
         for lv in t["levels"]:
-            share = lv["summary"].get("cached_share")
-            if share is not None and share > MOSTLY_CACHED:
+            s = lv["summary"]
+            share = s.get("cached_share")
+            cached = f" ({100 * share:.0f}% of the prompt tokens came from its cache)" if share is not None else ""
+            where = f"{t['name']} at {lv['level']:g}"
+            if s.get("repeated_prompts"):
                 out.append(
-                    f"{t['name']} at {lv['level']:g}: {100 * share:.0f}% of the prompt tokens came from the server's "
-                    "prompt cache, so TTFT and throughput are warm-cache figures (the prompts repeat: use more "
-                    "prompts, or synthetic ones, which are fresh per run unless prompts.seed is set)"
+                    f"{where}: {s['repeated_prompts']} of {s['requests']} requests repeat a prompt sent earlier in "
+                    f"this run, which the server may answer from its prompt cache{cached}: give more prompts than "
+                    "the run sends, or use synthetic ones"
+                )
+            elif share is not None and share > MOSTLY_CACHED:
+                out.append(
+                    f"{where}: {100 * share:.0f}% of the prompt tokens came from the server's prompt cache, so TTFT "
+                    "and throughput are warm-cache figures (prompts an earlier run sent; synthetic prompts are fresh "
+                    "per run unless prompts.seed is set)"
                 )
     return out
 
