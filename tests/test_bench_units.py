@@ -238,13 +238,18 @@ def test_cached_prompt_tokens_are_summed_and_warm_cache_levels_are_warned():
     shared_prefix = s  # 63% cached: a shared system prompt is what production caches too, no warning
     again = stats.summarize([dict(rec(0.05, 0.2, inp=100), cached_tokens=99)], 1.0, stats.SLO())  # an earlier run's
     repeats = stats.summarize(
-        [dict(rec(0.05, 0.2, inp=100), cached_tokens=40, repeat=r) for r in (False, True, True)], 1.0, stats.SLO()
+        [dict(rec(0.05, 0.2, inp=100), cached_tokens=c, repeat=r) for c, r in ((0, False), (99, True), (99, True))],
+        1.0,
+        stats.SLO(),
+    )
+    repeats_not_hit = stats.summarize(  # repeated, but the server had only the shared system prompt cached
+        [dict(rec(0.05, 0.2, inp=100), cached_tokens=70, repeat=r) for r in (False, True)], 1.0, stats.SLO()
     )
     lv = lambda level, summary: {"level": level, "summary": summary}  # noqa: E731
-    targets = [{"name": "a", "levels": [lv(1, shared_prefix), lv(2, again), lv(4, repeats)]}]
+    targets = [{"name": "a", "levels": [lv(1, shared_prefix), lv(2, again), lv(4, repeats), lv(8, repeats_not_hit)]}]
     w2, w4 = stats.cache_warnings(targets)
     assert w2.startswith("a at 2: 99% of the prompt tokens came from the server's prompt cache")
-    assert w4.startswith("a at 4: 2 of 3 requests repeat a prompt sent earlier in this run") and "(40% of" in w4
+    assert w4.startswith("a at 4: 2 of 3 requests repeat a prompt sent earlier in this run") and "(66% of" in w4
     # a fixed prompt list goes on where the last level stopped
     ps = P.PromptSet(list("abcdefg"))
     ps.stride = 3

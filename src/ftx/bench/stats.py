@@ -95,6 +95,8 @@ def summarize(records: list[dict], wall_s: float, slo: SLO) -> dict:
         "cached_input_tokens": sum(r["cached_tokens"] for r in told) if told else None,
         "cached_share": sum(r["cached_tokens"] for r in told) / told_in if told_in else None,
         "repeated_prompts": sum(1 for r in records if r.get("repeat")),
+        # of the requests repeating a prompt of the run, the share of their prompt tokens the server had cached
+        "repeat_cached_share": _share([r for r in told if r.get("repeat")]),
         "output_tokens": out_tok,
         "request_throughput": per_s(len(ok)),
         "output_tokens_per_s": per_s(out_tok),
@@ -118,12 +120,18 @@ def summarize(records: list[dict], wall_s: float, slo: SLO) -> dict:
     }
 
 
+def _share(records: list[dict]) -> float | None:
+    n = sum(r["input_tokens"] or 0 for r in records)
+    return sum(r["cached_tokens"] for r in records) / n if n else None
+
+
 MOSTLY_CACHED = 0.9  # beyond a shared system prompt: prompts the server has seen whole
 
 
 def cache_warnings(per_target: list[dict]) -> list[str]:
-    """One line per level whose figures are warm-cache ones: requests that repeat a prompt sent earlier in the run,
-    or prompt tokens almost all from the server's cache (prompts an earlier run sent)."""
+    """One line per level whose figures are warm-cache ones: requests that repeat a prompt sent earlier in the run
+    and that the server answered from its cache (or did not say), or prompt tokens almost all from the server's cache
+    (prompts an earlier run sent)."""
     out = []
     for t in per_target:
         for lv in t["levels"]:
@@ -131,7 +139,8 @@ def cache_warnings(per_target: list[dict]) -> list[str]:
             share = s.get("cached_share")
             cached = f" ({100 * share:.0f}% of the prompt tokens came from its cache)" if share is not None else ""
             where = f"{t['name']} at {lv['level']:g}"
-            if s.get("repeated_prompts"):
+            repeat_share = s.get("repeat_cached_share")
+            if s.get("repeated_prompts") and (repeat_share is None or repeat_share > MOSTLY_CACHED):
                 out.append(
                     f"{where}: {s['repeated_prompts']} of {s['requests']} requests repeat a prompt sent earlier in "
                     f"this run, which the server may answer from its prompt cache{cached}: give more prompts than "
