@@ -140,3 +140,17 @@ def test_termination_classifies_how_answers_end_and_gates_the_variants():
             cfg.model_copy(update={"other_end_token": "extend"}),
             "T",
         )
+
+
+def test_task_budgets_gate_on_the_answers_and_need_them():
+    from pydantic import ValidationError
+
+    from ftx.stages.export import ExportConfig
+
+    g = gate.QualityGate(max_mean_kld=0.05, min_task_ratio=0.9, max_flip_rate=0.1)
+    m = {"mean_kld": 0.01, "ppl_ratio": 1.0, "p99_kld": 0.1, "same_top": 0.99}
+    assert g.within({**m, "task_ratio": {"format_rate": 1.0, "exact_rate": 0.95}, "flip_rate": 0.05})
+    assert not g.within({**m, "task_ratio": {"format_rate": 1.0, "exact_rate": 0.8}, "flip_rate": 0.05})
+    assert not g.within({**m, "task_ratio": {"format_rate": 1.0}, "flip_rate": 0.2})
+    with pytest.raises(ValidationError, match="need the held-out answers of termination"):
+        ExportConfig(quality_gate={"max_flip_rate": 0.1}, termination=None)

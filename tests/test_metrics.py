@@ -75,3 +75,15 @@ def test_uncertainty_and_the_table():
     head, _, row = md.splitlines()
     assert "Δ fine-tuned (95% CI)" in head
     assert row.startswith("| follows the trained format | 17% [") and "| +75% [+" in row
+
+
+def test_flips_count_answers_whose_verdict_changed():
+    from ftx import metrics
+
+    ref = {"format_rate": [1.0, 1.0, 0.0, 1.0], "exact_rate": [1.0, 0.0, 0.0, 0.0], "token_f1": [1.0, 0.5, 0.2, 0.3]}
+    q = {"format_rate": [1.0, 0.0, 1.0, 1.0], "exact_rate": [0.0, 0.0, 0.0, 0.0], "token_f1": [0.9, 0.5, 0.2, 0.3]}
+    f = metrics.flips(ref, q)
+    assert (f["format_rate_lost"], f["format_rate_gained"], f["exact_rate_lost"]) == (1, 1, 1)
+    assert "token_f1_lost" not in f  # not a pass/fail metric
+    assert f["flips"] == 3 and f["flip_rate"] == 0.75  # answers 0, 1 and 2 changed a verdict
+    assert metrics.flips(ref, ref)["flips"] == 0

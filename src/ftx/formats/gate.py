@@ -36,6 +36,15 @@ class QualityGate(BaseModel):
     )
     max_p99_kld: float | None = Field(None, gt=0, description="99th percentile of the per-token KL divergence")
     min_same_top: float | None = Field(None, gt=0, le=1, description="share of tokens with the reference's top-1")
+    min_task_ratio: float | None = Field(
+        None,
+        gt=0,
+        description="every task metric of the variant's held-out answers (export.termination's generations) at least "
+        "this fraction of the reference's",
+    )
+    max_flip_rate: float | None = Field(
+        None, ge=0, le=1, description="share of held-out answers whose pass/fail verdict differs from the reference's"
+    )
 
     @model_validator(mode="after")
     def _some_budget(self):
@@ -47,13 +56,16 @@ class QualityGate(BaseModel):
         return self
 
     def within(self, m: dict) -> bool:
+        ratios = [v for v in (m.get("task_ratio") or {}).values() if v is not None]
         checks = [
+            (self.min_task_ratio, min(ratios) if ratios else None, ">="),
+            (self.max_flip_rate, m.get("flip_rate"), "<="),
             (self.max_mean_kld, m["mean_kld"], "<="),
             (None if self.max_ppl_ratio is None else self.max_ppl_ratio - 1, abs(m["ppl_ratio"] - 1), "<="),
             (self.max_p99_kld, m["p99_kld"], "<="),
             (self.min_same_top, m["same_top"], ">="),
         ]
-        return all(limit is None or (v <= limit if op == "<=" else v >= limit) for limit, v, op in checks)
+        return all(limit is None or v is None or (v <= limit if op == "<=" else v >= limit) for limit, v, op in checks)
 
 
 class Positions:

@@ -61,6 +61,7 @@ class TerminationResult(BaseModel):
         None, description="the artifact's embedded chat template is the tokenizer's (None: it embeds none)"
     )
     files: dict[str, Ends]
+    answers: dict[str, list[list[int]]] = Field(default_factory=dict, exclude=True)  # per artifact, for task metrics
 
 
 def tally(answers: list[list[int]], stop: set[int], eog: dict[int, str]) -> Ends:
@@ -120,6 +121,7 @@ def check(
         artifact_end_ids=[eog.get(i, str(i)) for i in meta.get("end_ids", [])],
         template_matches=None if not meta.get("chat_template") else meta["chat_template"] == tok_template,
         files={name: tally(answers, stop, eog) for name, answers in runs.items()},
+        answers=runs,
     )
 
 

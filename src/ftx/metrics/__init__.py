@@ -43,6 +43,23 @@ def uncertainty(examples: dict[str, dict[str, list[float]]], baseline: str) -> t
     return intervals, deltas
 
 
+def flips(baseline: dict[str, list[float]], other: dict[str, list[float]]) -> dict[str, int | float]:
+    """Answers whose verdict changed from `baseline` on a pass/fail metric (scores 0 or 1), per metric and overall:
+    {"<metric>_lost": n, "<metric>_gained": n, "flips": answers with any verdict changed, "flip_rate": its share}."""
+    out: dict[str, int | float] = {}
+    changed: set[int] = set()
+    for name, a in baseline.items():
+        b = other.get(name)
+        if b is None or not all(v in (0.0, 1.0) for v in a + b):
+            continue
+        out[f"{name}_lost"] = sum(1 for x, y in zip(a, b) if x > y)
+        out[f"{name}_gained"] = sum(1 for x, y in zip(a, b) if x < y)
+        changed |= {i for i, (x, y) in enumerate(zip(a, b)) if x != y}
+    n = len(next(iter(baseline.values()), []))
+    out["flips"], out["flip_rate"] = len(changed), len(changed) / n if n else 0.0
+    return out
+
+
 def loss_scores(loss: float, settings) -> dict[str, float]:
     return {m.name: m.from_loss(loss) for m in METRICS if m.kind == "loss" and m.applies(settings)}
 

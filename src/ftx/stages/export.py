@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
 
 from ..core.config import InputDir, InputFile
 from ..core.errors import FtxError
@@ -37,6 +38,14 @@ class _ExportBase(BaseModel):
         "(ftx.formats.termination); null: no check",
     )
     check_tokens: int = Field(512, ge=16, description="validation tokens for the top-1 checks against HF")
+
+    @model_validator(mode="after")
+    def _task_budgets_need_answers(self):
+        g = self.quality_gate
+        if g and (g.min_task_ratio is not None or g.max_flip_rate is not None) and self.termination is None:
+            raise ValueError("quality_gate.min_task_ratio / max_flip_rate need the held-out answers of termination")
+        return self
+
     eval_tokens: int = Field(
         4096,
         ge=256,
@@ -107,6 +116,11 @@ class ExportFile(BaseModel):
     all_ppl_ratio: float | None = Field(None, description="PPL ratio over every token, a shared prefix counted once")
     clean_stop_rate: float | None = Field(None, description="held-out answers that ended on the stop set")
     ends: dict[str, int] | None = Field(None, description="how the held-out answers ended: end token -> count")
+    task: dict[str, float] | None = Field(None, description="task metrics of its held-out answers (ftx.metrics)")
+    task_ratio: dict[str, float | None] | None = Field(None, description="each task metric over the reference's")
+    flips: dict[str, int | float] | None = Field(
+        None, description="answers whose pass/fail verdict differs from the reference's (per metric: lost, gained)"
+    )
     passed: bool | None = Field(None, description="within the quality gate (None: reference or no gate)")
 
 
@@ -183,6 +197,7 @@ def export(
     heldout_file: Path | None = None,
     lineage: str | None = None,
     base_model: str | None = None,
+    task_settings=None,
     base_dir: Path | None = None,
     adapter_dir: Path | None = None,
     calib_file: Path | None = None,
@@ -259,8 +274,11 @@ def export(
                 tok.chat_template,
                 lambda what: progress.update(task, description=what),
             )
+            task_metrics(files, held, term.answers, tok, task_settings)
             for f in files:
                 f.clean_stop_rate, f.ends = term.files[f.name].clean_stop_rate, term.files[f.name].ends
+                if f.name != ref_name and cfg.quality_gate:
+                    f.passed = cfg.quality_gate.within(f.model_dump())  # now with the task budgets
                 if f.name != ref_name and f.clean_stop_rate < cfg.termination.min_clean_stop_rate:
                     f.passed = False  # a quant that does not stop does not ship, whatever its KLD
         progress.advance(task)
@@ -298,13 +316,33 @@ def export(
     )
 
 
+def task_metrics(files: list[ExportFile], held: list[list[dict]], answers: dict, tok, settings) -> None:
+    """Each artifact's held-out answers scored with the eval metrics against the reference answers, and against
+    the reference artifact's: the ratio of each metric and the answers whose pass/fail verdict flipped."""
+    from .. import metrics
+
+    refs = [m[-1]["content"] if m[-1]["role"] == "assistant" else "" for m in held]
+    settings = settings or SimpleNamespace(response_regex=None)
+    per = {
+        f.name: metrics.per_example([tok.decode(a, skip_special_tokens=True) for a in answers[f.name]], refs, settings)
+        for f in files
+    }
+    base = per[files[0].name]
+    for f in files:
+        f.task = metrics.means(per[f.name])
+        ref = files[0].task
+        f.task_ratio = {k: (v / ref[k] if ref[k] else None) for k, v in f.task.items()}
+        f.flips = metrics.flips(base, per[f.name])
+
+
 class Export(Stage):
     name = "export"
     config = ExportConfig
     result = ExportResult
     needs = ("merge", "data", "adapter")
-    reads = ("name", "base_model", "data.max_seq_len")
-    # 2: the gate scores assistant tokens, a shared prefix once, the PPL ratio both ways; 3: the termination proof
+    reads = ("name", "base_model", "data.max_seq_len", "eval")
+    # 2: the gate scores assistant tokens, a shared prefix once, the PPL ratio both ways; 3: the termination proof,
+    # task metrics of every artifact's held-out answers
     revision = 3
 
     def run(self, ctx, out: Path) -> ExportResult:
@@ -324,6 +362,7 @@ class Export(Stage):
             base_dir=ctx.base_dir,
             adapter_dir=ctx.file("adapter", adapter.result["adapter_dir"]),
             calib_file=ctx.file("data", d["train_file"]),
+            task_settings=ctx.setting("eval"),
         )
 
     def headline(self, r: dict) -> str:
