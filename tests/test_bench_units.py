@@ -252,8 +252,9 @@ def test_cached_prompt_tokens_are_summed_and_warm_cache_levels_are_warned():
     assert w4.startswith("a at 4: 2 of 3 requests repeat a prompt sent earlier in this run") and "(66% of" in w4
     # a fixed prompt list goes on where the last level stopped
     ps = P.PromptSet(list("abcdefg"))
-    ps.stride = 3
-    assert ps.get(0, 0) == list("abcdefg") and ps.get(1, 0)[:3] == list("def") and ps.get(0, 1, 2)[:2] == list("de")
+    ps.counts = [2, 3, 3]  # e.g. a burst sweep 2, 3, 3
+    assert ps.get(0, 0) == list("abcdefg") and ps.get(1, 0)[:3] == list("cde") and ps.get(2, 0)[:3] == list("fga")
+    assert ps.get(0, 1, 2)[:2] == list("cd") and ps.offset(1, 1, 2) == (4 + 3) % 7  # two targets: A then B per level
 
 
 def test_a_level_stops_sending_at_its_duration():

@@ -142,9 +142,10 @@ def test_sweep_burst_and_token_fallback_matches_server_usage(endpoint, base_dir,
         assert max(r["start_s"] for r in recs) < min(r["start_s"] + r["ttft_s"] for r in recs)
     assert (out / "sweep.png").read_bytes()[:4] == b"\x89PNG"
     tok = P.load_tokenizer(base_dir)
-    by_i = {r["i"]: r for r in records if r["level"] == 6}
-    for i, r in by_i.items():
-        assert P.count_prompt_tokens(tok, held[i][:-1], "chat") == r["input_tokens"]
+    level6 = [r for r in records if r["level"] == 6]  # level 6 goes on where level 2 stopped in the prompt list
+    assert [r["prompt"] for r in sorted(level6, key=lambda r: r["i"])] == [(2 + i) % len(held) for i in range(6)]
+    for r in level6:
+        assert P.count_prompt_tokens(tok, held[r["prompt"]][:-1], "chat") == r["input_tokens"]
 
 
 def test_two_targets_side_by_side_and_compare_command(endpoint, tmp_path):

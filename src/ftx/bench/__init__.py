@@ -148,9 +148,9 @@ async def _run_levels(cfg, targets, prompts, tokenizer, records, done_levels, on
         for j, level in enumerate(cfg.levels()):
             for k, t in list(enumerate(targets)) if j % 2 == 0 else list(enumerate(targets))[::-1]:
                 current = (t.name, level, asyncio.get_running_loop().time())
-                here = prompts.get(j, k, len(targets))
+                here, start = prompts.get(j, k, len(targets)), prompts.offset(j, k, len(targets))
                 info = await client.run_level(
-                    cfg, level, t.base_url, t.api_key, t.models, here, records, tokenizer, on_done, t.name, seen
+                    cfg, level, t.base_url, t.api_key, t.models, here, records, tokenizer, on_done, t.name, seen, start
                 )
                 done_levels.append({"target": t.name, "level": level, **info})
                 current = None
@@ -182,7 +182,7 @@ def run(
 
     if not isinstance(prompts, PromptSet):
         prompts = PromptSet(list(prompts))
-    prompts.stride = max(PROFILES[cfg.mode].requests(cfg, lv) for lv in cfg.levels()) + cfg.warmup
+    prompts.counts = [PROFILES[cfg.mode].requests(cfg, lv) + cfg.warmup for lv in cfg.levels()]
 
     if cfg.ignore_eos is None:
         cfg = cfg.model_copy(update={"ignore_eos": cfg.prompts.source == "synthetic"})

@@ -168,9 +168,11 @@ async def run_level(
     on_done=None,
     target: str | None = None,
     seen: set | None = None,
+    prompt_offset: int = 0,
 ) -> dict:
     """Run one load level; finished requests are appended to `records` as they complete (so an interrupted run
-    keeps them); `seen`: the prompts the run sent so far (a repeat is marked). Returns {wall_s, client figures}."""
+    keeps them); `seen`: the prompts the run sent so far (a repeat is marked); `prompt_offset`: where `prompts`
+    starts in the run's prompt list (each record names its prompt's index there). Returns {wall_s, client figures}."""
     import numpy as np
 
     from .loads import PROFILES
@@ -195,7 +197,7 @@ async def run_level(
             if seen is not None:
                 seen.add(key)
             rec = await one_request(client, model_for(i), prompt, cfg, t_origin, tokenizer)
-            rec.update(i=i, level=level, target=target, repeat=repeat)
+            rec.update(i=i, level=level, target=target, repeat=repeat, prompt=(i + prompt_offset) % len(prompts))
             if keep:
                 records.append(rec)
             if on_done:

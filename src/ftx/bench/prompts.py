@@ -221,11 +221,17 @@ class PromptSet:
 
             self.seed = synthetic.seed if synthetic.seed is not None else secrets.randbits(31)
 
-    stride = 0  # requests a level sends (warmup included): a fixed list is rotated by as many per level and target
+    counts: list[int] = []  # prompts each level sends per target (warmup included), set by the bench
+
+    def offset(self, level: int, target: int, targets: int = 1) -> int:
+        """Where a level and target start in a fixed list: where the one before stopped."""
+        if self.fixed is None or not self.counts:
+            return 0
+        return (sum(self.counts[:level]) * targets + target * self.counts[level]) % len(self.fixed)
 
     def get(self, level: int, target: int, targets: int = 1) -> list:
-        if self.fixed is not None:  # each level and target starts where the one before stopped: fewer repeats
-            k = (level * targets + target) * self.stride % len(self.fixed)
+        if self.fixed is not None:  # rotated by the offset: fewer repeats
+            k = self.offset(level, target, targets)
             return self.fixed[k:] + self.fixed[:k]
         if (level, target) not in self._drawn:
             c, seed = self.cfg, [self.seed, level, target]
