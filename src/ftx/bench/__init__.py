@@ -279,7 +279,9 @@ def load_prompts(cfg: BenchConfig, heldout: list[list[dict]] | None = None, toke
         return P.PromptSet(P.from_file(src.path, src.encoding))
     if not heldout:
         raise FtxError("bench.prompts.source heldout: no held-out prompts here (use file or synthetic)")
-    return P.PromptSet([m[:-1] if m[-1]["role"] == "assistant" else m for m in heldout])
+    from ..core.chat import split_answers
+
+    return P.PromptSet(split_answers(heldout)[0])
 
 
 def summary_json(path: Path) -> dict:

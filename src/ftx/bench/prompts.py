@@ -215,13 +215,12 @@ class PromptSet:
 
     def __init__(self, fixed: list | None = None, synthetic: PromptsConfig | None = None, tokenizer=None):
         self.fixed, self.cfg, self.tokenizer, self._drawn = fixed, synthetic, tokenizer, {}
+        self.counts: list[int] = []  # prompts each level sends per target (warmup included), set by the bench
         self.seed = None
         if synthetic is not None:
             import secrets
 
             self.seed = synthetic.seed if synthetic.seed is not None else secrets.randbits(31)
-
-    counts: list[int] = []  # prompts each level sends per target (warmup included), set by the bench
 
     def offset(self, level: int, target: int, targets: int = 1) -> int:
         """Where a level and target start in a fixed list: where the one before stopped."""

@@ -82,7 +82,6 @@ def summarize(records: list[dict], wall_s: float, slo: SLO) -> dict:
     checks["error_rate"] = {"value": error_rate, "limit": slo.max_error_rate, "ok": error_rate <= slo.max_error_rate}
     sources = {r.get("token_source") for r in ok}
     told = [r for r in ok if r.get("cached_tokens") is not None]  # the records whose server reported it
-    told_in = sum(r["input_tokens"] or 0 for r in told)
     return {
         "requests": n,
         "ok": len(ok),
@@ -93,7 +92,7 @@ def summarize(records: list[dict], wall_s: float, slo: SLO) -> dict:
         **dists,
         "input_tokens": in_tok,
         "cached_input_tokens": sum(r["cached_tokens"] for r in told) if told else None,
-        "cached_share": sum(r["cached_tokens"] for r in told) / told_in if told_in else None,
+        "cached_share": _share(told),
         "repeated_prompts": sum(1 for r in records if r.get("repeat")),
         # of the requests repeating a prompt of the run, the share of their prompt tokens the server had cached
         "repeat_cached_share": _share([r for r in told if r.get("repeat")]),

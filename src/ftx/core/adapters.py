@@ -71,9 +71,14 @@ def check_peft_dir(name: str, path: str | Path, base_dir: Path | None) -> Path:
     return p
 
 
+def support(path: Path, target: str) -> dict:
+    """{target, supported, reason} of one target of `portability`."""
+    return next(t for t in portability(path)["targets"] if t["target"] == target)
+
+
 def check_for(target: str, name: str, path: Path) -> None:
     """Refuse an adapter the target's loader does not take, with the reason (see `portability`)."""
-    t = next(t for t in portability(path)["targets"] if t["target"] == target)
+    t = support(path, target)
     if not t["supported"]:
         raise FtxError(f"adapter {name!r} cannot be served by {target}: {t['reason']}", where=str(path))
 

@@ -44,6 +44,17 @@ def end_ids(tokenizer, model_dir: Path | None = None) -> list[int]:
     return list(dict.fromkeys(ids))
 
 
+def split_answers(conversations: list[list[dict]]) -> tuple[list[list[dict]], list[str]]:
+    """Prompts and reference answers of held-out conversations: the messages before a final assistant turn, and
+    that turn's text ("" when a conversation does not end with one)."""
+    prompts, refs = [], []
+    for m in conversations:
+        last = m[-1]["role"] == "assistant"
+        prompts.append(m[:-1] if last else m)
+        refs.append(m[-1]["content"] if last else "")
+    return prompts, refs
+
+
 def prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
     return _ids(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
 

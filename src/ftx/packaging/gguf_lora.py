@@ -49,14 +49,14 @@ class GgufLoraStep(Step):
 
     def run(self, value: bool, job: Job) -> LoraGguf:
         from ..core import gguf
-        from ..core.adapters import portability
+        from ..core.adapters import TARGETS, support
         from ..core.cache import link_or_copy
         from ..core.models import compare_logits
         from .modelfile import runtime, write
 
         if job.base_dir is None or job.adapter_dir is None:
             raise FtxError("export.lora_adapter needs the base model and the adapter (run it from a recipe)")
-        target = portability(job.adapter_dir)["targets"][1]  # the GGUF LoRA: refuse up front, with the reason
+        target = support(job.adapter_dir, TARGETS[1])  # the GGUF LoRA: refuse up front, with the reason
         if not target["supported"]:
             raise FtxError(f"export.lora_adapter: {target['reason']} (or set export.lora_adapter: false)")
         base_gguf, adapter_gguf = job.out / "base-f16.gguf", job.out / "adapter-f16.gguf"

@@ -56,7 +56,7 @@ def evaluate(
     model.eval()
     val = chat.read_examples(val_file)
     held = chat.read_split(heldout_file or val_file)[: cfg.max_prompts]  # chat conversations; none for text data
-    prompts, refs = [m[:-1] for m in held], [m[-1]["content"] for m in held]
+    prompts, refs = chat.split_answers(held)
     scores, outputs, examples = {}, {}, {}
     for name in MODELS:
         with model.disable_adapter() if name == "base" else contextlib.nullcontext():

@@ -204,7 +204,7 @@ def export(
 ) -> ExportResult:
     from rich.progress import Progress
 
-    from ..core.chat import end_ids, prompt_ids, read_split
+    from ..core.chat import end_ids, prompt_ids, read_split, split_answers
     from ..core.models import check_sequences, load_base, token_logits
     from ..formats import gate, termination
 
@@ -257,13 +257,12 @@ def export(
             f = ExportFile(
                 name=vname, file=path.name, size_bytes=path.stat().st_size, top1_agreement=top1.agreement(), **metrics
             )
-            f.passed = cfg.quality_gate.within(f.model_dump()) if cfg.quality_gate else None
             files.append(f)
             progress.advance(task)
         term = None
         if cfg.termination:
-            held = read_split(heldout_file or val_file)[: cfg.termination.prompts]
-            prompts = [prompt_ids(tok, m[:-1] if m[-1]["role"] == "assistant" else m) for m in held]
+            held, refs = split_answers(read_split(heldout_file or val_file)[: cfg.termination.prompts])
+            prompts = [prompt_ids(tok, m) for m in held]
             declared = {i: tok.convert_ids_to_tokens(i) for i in end_ids(tok, model_dir)}
             term = termination.check(
                 fmt,
@@ -274,14 +273,14 @@ def export(
                 tok.chat_template,
                 lambda what: progress.update(task, description=what),
             )
-            task_metrics(files, held, term.answers, tok, task_settings)
+            task_metrics(files, refs, term.answers, tok, task_settings)
             for f in files:
                 f.clean_stop_rate, f.ends = term.files[f.name].clean_stop_rate, term.files[f.name].ends
-                if f.name != ref_name and cfg.quality_gate:
-                    f.passed = cfg.quality_gate.within(f.model_dump())  # now with the task budgets
-                if f.name != ref_name and f.clean_stop_rate < cfg.termination.min_clean_stop_rate:
-                    f.passed = False  # a quant that does not stop does not ship, whatever its KLD
         progress.advance(task)
+    for f in files[1:]:  # each variant's verdict: the gate's budgets (task ones included), and it must stop
+        f.passed = cfg.quality_gate.within(f.model_dump()) if cfg.quality_gate else None
+        if term and f.clean_stop_rate < cfg.termination.min_clean_stop_rate:
+            f.passed = False  # a quant that does not stop does not ship, whatever its KLD
     shutil.rmtree(scratch)
     selected = gate.select(files, cfg.quality_gate, ref_name)
     job = Job(
@@ -316,12 +315,11 @@ def export(
     )
 
 
-def task_metrics(files: list[ExportFile], held: list[list[dict]], answers: dict, tok, settings) -> None:
+def task_metrics(files: list[ExportFile], refs: list[str], answers: dict, tok, settings) -> None:
     """Each artifact's held-out answers scored with the eval metrics against the reference answers, and against
     the reference artifact's: the ratio of each metric and the answers whose pass/fail verdict flipped."""
     from .. import metrics
 
-    refs = [m[-1]["content"] if m[-1]["role"] == "assistant" else "" for m in held]
     settings = settings or SimpleNamespace(response_regex=None)
     per = {
         f.name: metrics.per_example([tok.decode(a, skip_special_tokens=True) for a in answers[f.name]], refs, settings)

@@ -92,7 +92,7 @@ class Serve(Stage):
 
     def run(self, ctx, out: Path) -> ServeResult:
         from .. import metrics
-        from ..core.chat import read_split
+        from ..core.chat import read_split, split_answers
         from ..serving import chat
 
         ep = ctx.service(self.name)
@@ -100,7 +100,7 @@ class Serve(Stage):
             ctx.file("data", ctx.upstream("data").result["heldout_file"] or ctx.upstream("data").result["val_file"])
         )[: ctx.cfg.check_prompts]
         eval_cfg = ctx.setting("eval")
-        prompts, refs = [m[:-1] for m in held], [m[-1]["content"] for m in held]
+        prompts, refs = split_answers(held)
         outs = [chat(ep, p, eval_cfg.max_new_tokens) for p in prompts]
         return ServeResult(
             model=ep.model,
