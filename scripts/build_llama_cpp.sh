@@ -11,7 +11,12 @@ VERSION="${LLAMA_CPP_PYTHON_VERSION:-0.3.36}"
 CACHE="${FTX_CACHE:-$HOME/.cache/ftx}"
 DEST="$CACHE/llama.cpp/$VERSION"
 PIP="${PIP:-python3 -m pip}"
-if [ -x "$DEST/bin/llama-server" ] && [ -f "$DEST/lib/libllama.so" ] && [ -f "$DEST/.complete" ]; then
+# AMX off: -march=native turns on llama.cpp's AMX kernels wherever the CPU flags list amx_tile, but a VM may list
+# it without granting the tile state: llama-server then dies with SIGILL on `tilezero` at its first decode
+# (measured on a Firecracker VM whose /proc/cpuinfo lists amx_tile/int8/bf16). Every other ISA stays native.
+NO_AMX="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+BUILD_ID="noamx1"  # bump when the build flags change: a cached build from other flags is rebuilt
+if [ -x "$DEST/bin/llama-server" ] && [ -f "$DEST/lib/libllama.so" ] && [ -f "$DEST/.complete-$BUILD_ID" ]; then
   echo "llama.cpp $VERSION: cached at $DEST"; exit 0
 fi
 echo "llama.cpp $VERSION: building native tools into $DEST (one time, ~8 min on 2 cores)"
@@ -21,6 +26,7 @@ $PIP download --quiet --no-deps --no-binary=:all: "llama-cpp-python==$VERSION" -
 tar xzf "$TMP"/dl/llama_cpp_python-"$VERSION".tar.gz -C "$TMP"
 mv "$TMP/llama_cpp_python-$VERSION" "$TMP/src"
 cmake -S "$TMP/src/vendor/llama.cpp" -B "$TMP/build" -G Ninja -DCMAKE_BUILD_TYPE=Release \
+  -DCMAKE_C_FLAGS="$NO_AMX" -DCMAKE_CXX_FLAGS="$NO_AMX" \
   -DBUILD_SHARED_LIBS=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=ON \
   -DLLAMA_BUILD_SERVER=ON -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_CURL=OFF \
   -DCMAKE_BUILD_RPATH_USE_ORIGIN=ON -DCMAKE_BUILD_WITH_INSTALL_RPATH=ON -DCMAKE_INSTALL_RPATH='$ORIGIN:$ORIGIN/../lib' >"$TMP/cmake.log" 2>&1 \
@@ -32,5 +38,5 @@ for t in llama-server llama-quantize llama-perplexity llama-imatrix; do cp "$TMP
 find "$TMP/build" -name '*.so*' -exec cp -P {} "$TMP/out/lib/" \;
 mv "$TMP/src" "$TMP/out/src"
 rm -rf "$DEST"; mkdir -p "$(dirname "$DEST")"; mv "$TMP/out" "$DEST"
-touch "$DEST/.complete"
+touch "$DEST/.complete" "$DEST/.complete-$BUILD_ID"
 echo "llama.cpp $VERSION: built $(ls "$DEST/bin" | tr '\n' ' ')"
