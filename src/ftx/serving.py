@@ -222,11 +222,15 @@ def hold(ep: Endpoint, what: str, log: Path, console, show_key: bool) -> None:
 
 
 def chat(endpoint: Endpoint, messages: list[dict], max_tokens: int = 64, model: str | None = None) -> str:
-    """One greedy chat completion (temperature 0) through the endpoint."""
+    """One greedy chat completion (temperature 0) through the endpoint, as chat.Answer (its completion tokens,
+    and truncated when the server says it stopped for length)."""
     from openai import OpenAI
+
+    from .core.chat import Answer
 
     client = OpenAI(base_url=endpoint.base_url, api_key=endpoint.api_key, max_retries=0, timeout=120)
     r = client.chat.completions.create(
         model=model or endpoint.model, messages=messages, max_tokens=max_tokens, temperature=0
     )
-    return (r.choices[0].message.content or "").strip()
+    tokens = r.usage.completion_tokens if r.usage else None
+    return Answer.of((r.choices[0].message.content or "").strip(), tokens, r.choices[0].finish_reason == "length")

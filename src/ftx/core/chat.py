@@ -44,6 +44,20 @@ def end_ids(tokenizer, model_dir: Path | None = None) -> list[int]:
     return list(dict.fromkeys(ids))
 
 
+class Answer(str):
+    """A generated answer: its text, plus how it was generated where the generator knows: the tokens it took and
+    whether it ran to the token limit instead of ending (metrics of length and truncation read these)."""
+
+    tokens: int | None = None
+    truncated: bool | None = None
+
+    @classmethod
+    def of(cls, text: str, tokens: int | None = None, truncated: bool | None = None) -> Answer:
+        a = cls(text)
+        a.tokens, a.truncated = tokens, truncated
+        return a
+
+
 def split_answers(conversations: list[list[dict]]) -> tuple[list[list[dict]], list[str]]:
     """Prompts and reference answers of held-out conversations: the messages before a final assistant turn, and
     that turn's text ("" when a conversation does not end with one)."""

@@ -168,8 +168,9 @@ def response_loss(model, tok, examples: list[dict], max_seq_len: int, batch_size
     return total / max(count, 1)
 
 
-def generate(model, tok, prompts: list[list[dict]], max_new_tokens: int, batch_size: int = 32) -> list[str]:
-    """Greedy generations for chat prompts (left-padded batches), decoded without special tokens."""
+def generate(model, tok, prompts: list[list[dict]], max_new_tokens: int, batch_size: int = 32) -> list:
+    """Greedy generations for chat prompts (left-padded batches), decoded without special tokens, as
+    chat.Answer: the text, the tokens generated (the end token included) and whether it ran to max_new_tokens."""
     import torch
 
     from . import chat
@@ -192,5 +193,9 @@ def generate(model, tok, prompts: list[list[dict]], max_new_tokens: int, batch_s
                 pad_token_id=tok.pad_token_id,
                 eos_token_id=tok.eos_token_id,
             )
-        outs += [tok.decode(row[n:], skip_special_tokens=True).strip() for row in y]
+        for row in y[:, n:].tolist():
+            ended = [i for i, t in enumerate(row) if t == tok.eos_token_id or t == tok.pad_token_id]
+            length = ended[0] + 1 if ended else len(row)
+            text = tok.decode(row[:length], skip_special_tokens=True).strip()
+            outs.append(chat.Answer.of(text, tokens=length, truncated=not ended))
     return outs

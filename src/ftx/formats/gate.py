@@ -39,8 +39,8 @@ class QualityGate(BaseModel):
     min_task_ratio: float | None = Field(
         None,
         gt=0,
-        description="every task metric of the variant's held-out answers (export.termination's generations) at least "
-        "this fraction of the reference's",
+        description="every task quality metric (higher is better: exact, token F1, ROUGE-L, ...) of the variant's "
+        "held-out answers (export.termination's generations) at least this fraction of the reference's",
     )
     max_flip_rate: float | None = Field(
         None, ge=0, le=1, description="share of held-out answers whose pass/fail verdict differs from the reference's"

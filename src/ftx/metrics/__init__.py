@@ -4,21 +4,99 @@ metric × model or artifact (base, fine-tuned, served, ...)."""
 from __future__ import annotations
 
 from .base import Metric
-from .intervals import interval, paired_delta
+from .intervals import interval, interval_of, paired_delta, paired_of
 from .likelihood import ValLoss, ValPerplexity
-from .text import ExactMatch, FormatRate, TokenF1
+from .overlap import Bleu, ChrF, RougeL
+from .structured import JsonFields, JsonSchemaValid, JsonValid
+from .text import AnswerWords, ExactMatch, FormatRate, TokenF1, Truncated
 
-METRICS: list[Metric] = [ValLoss(), ValPerplexity(), FormatRate(), ExactMatch(), TokenF1()]
+METRICS: list[Metric] = [
+    ValLoss(),
+    ValPerplexity(),
+    FormatRate(),
+    ExactMatch(),
+    TokenF1(),
+    RougeL(),
+    ChrF(),
+    Bleu(),
+    JsonValid(),
+    JsonSchemaValid(),
+    JsonFields(),
+    AnswerWords(),
+    Truncated(),
+]
 BY_NAME = {m.name: m for m in METRICS}
+
+
+SETTINGS = ("response_regex", "task", "json_schema")  # the eval settings the metrics read
+
+
+def settings_of(get) -> object:
+    """The metrics' settings from a stage's reads (`get("eval.task")`), so that a stage scoring answers is keyed
+    by these settings only, not by the rest of the eval section (its judge, its forgetting check)."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(**{k: get(f"eval.{k}") for k in SETTINGS})
+
+
+def generation_metrics(settings, outputs: list | None = None) -> list[Metric]:
+    """The generation metrics that apply to these settings (and answers, where given)."""
+    return [
+        m
+        for m in METRICS
+        if m.kind == "generation" and m.applies(settings) and (outputs is None or m.applies_to(outputs))
+    ]
 
 
 def per_example(outputs: list[str], references: list[str], settings) -> dict[str, list[float]]:
     """{metric: [score of each answer]} for every generation metric that applies."""
     return {
         m.name: [m.per_example(o, r, settings) for o, r in zip(outputs, references)]
-        for m in METRICS
-        if m.kind == "generation" and m.applies(settings)
+        for m in generation_metrics(settings, outputs)
     }
+
+
+def corpus_scores(outputs: list[str], references: list[str], settings) -> dict[str, float]:
+    """The corpus-level figures (sacreBLEU) that replace a metric's mean of answer scores."""
+    out = {}
+    for m in generation_metrics(settings, outputs):
+        v = m.corpus(outputs, references, settings)
+        if v is not None:
+            out[m.name] = v
+    return out
+
+
+def provenance(settings) -> dict[str, str]:
+    """{metric: 'library version' or the library's signature} for the metrics that apply, for the run card."""
+    from importlib.metadata import version
+
+    out = {}
+    for m in generation_metrics(settings):
+        sig = m.signature(settings)
+        if sig or m.library:
+            out[m.name] = sig or f"{m.library} {version(m.library)}"
+    return out
+
+
+def assess(answers: dict[str, list[str]], references: list[str], settings, baseline: str) -> dict:
+    """Every model's (or artifact's) answers to the same prompts, scored: {"examples": {model: {metric: [score of
+    each answer]}}, "scores": {model: {metric: figure}} (corpus figures where a metric has one), "intervals":
+    {metric: {model: [lo, hi]}}, "deltas": {metric: {model: {delta, low, high}}} paired against `baseline`}."""
+    examples = {name: per_example(outs, references, settings) for name, outs in answers.items()}
+    corpus = {name: corpus_scores(outs, references, settings) for name, outs in answers.items()}
+    scores = {name: {**means(examples[name]), **corpus[name]} for name in answers}
+    intervals, deltas = uncertainty(examples, baseline)
+    n = len(references)
+    for m in (BY_NAME[k] for k in corpus[baseline]):  # corpus figures: resample answers, recompute the figure
+        stats = {
+            name: (lambda idx, o=outs, m=m: m.corpus([o[i] for i in idx], [references[i] for i in idx], settings))
+            for name, outs in answers.items()
+        }
+        for name, stat in stats.items():
+            intervals.setdefault(m.name, {})[name] = interval_of(stat, n)
+            if name != baseline:
+                deltas.setdefault(m.name, {})[name] = paired_of(stats[baseline], stat, n)
+    return {"examples": examples, "scores": scores, "intervals": intervals, "deltas": deltas}
 
 
 def means(examples: dict[str, list[float]]) -> dict[str, float]:
@@ -27,7 +105,7 @@ def means(examples: dict[str, list[float]]) -> dict[str, float]:
 
 
 def generation_scores(outputs: list[str], references: list[str], settings) -> dict[str, float]:
-    return means(per_example(outputs, references, settings))
+    return {**means(per_example(outputs, references, settings)), **corpus_scores(outputs, references, settings)}
 
 
 def uncertainty(examples: dict[str, dict[str, list[float]]], baseline: str) -> tuple[dict, dict]:

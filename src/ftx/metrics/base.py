@@ -12,11 +12,24 @@ class Metric:
     label: ClassVar[str]  # row label in the run card's table
     kind: ClassVar[Literal["generation", "loss"]]  # scored on generated answers, or from the response-token loss
     percent: ClassVar[bool] = False  # shown as a percentage
-    higher_is_better: ClassVar[bool] = True
+    higher_is_better: ClassVar[bool | None] = True  # None: informative only (an answer's length)
+    library: ClassVar[str | None] = None  # the package that computes it (its version goes into the run card)
 
     def applies(self, settings) -> bool:
         """Whether the recipe's eval settings make this metric meaningful (a regex metric needs a regex)."""
         return True
+
+    def applies_to(self, outputs: list) -> bool:
+        """Whether these answers carry what the metric reads (truncation needs a generator that says)."""
+        return True
+
+    def corpus(self, outputs: list, references: list[str], settings) -> float | None:
+        """A corpus-level figure (sacreBLEU's BLEU) that replaces the mean of the answer scores; None: the mean."""
+        return None
+
+    def signature(self, settings) -> str | None:
+        """The library's own reproducibility string (sacreBLEU's signature), for the run card."""
+        return None
 
     def per_example(self, output: str, reference: str, settings) -> float:
         """generation metrics: the score of one answer against its reference; the metric's score is the mean

@@ -38,3 +38,34 @@ def paired_delta(a: list[float], b: list[float], seed: int = 0) -> dict[str, flo
     means = _resampled_means([a, b], seed)
     diff = means[1] - means[0]
     return {"delta": delta, "low": float(np.percentile(diff, 2.5)), "high": float(np.percentile(diff, 97.5))}
+
+
+CORPUS_RESAMPLES = 1000  # a corpus figure is recomputed per resample (sacreBLEU on the resampled answers)
+
+
+def _indices(n: int, seed: int):
+    import numpy as np
+
+    return np.random.default_rng(seed).integers(0, n, (CORPUS_RESAMPLES, n))
+
+
+def interval_of(stat, n: int, seed: int = 0) -> list[float]:
+    """[low, high] (95%) of a corpus statistic `stat(indices) -> float` of n examples, the examples resampled."""
+    import numpy as np
+
+    if n < 2:
+        v = stat(np.arange(n))
+        return [v, v]
+    values = [stat(idx) for idx in _indices(n, seed)]
+    return [float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))]
+
+
+def paired_of(stat_a, stat_b, n: int, seed: int = 0) -> dict[str, float]:
+    """stat_b - stat_a (corpus statistics of the same n examples) with its 95% interval, resampled together."""
+    import numpy as np
+
+    delta = stat_b(np.arange(n)) - stat_a(np.arange(n))
+    if n < 2:
+        return {"delta": delta, "low": delta, "high": delta}
+    diff = [stat_b(idx) - stat_a(idx) for idx in _indices(n, seed)]
+    return {"delta": delta, "low": float(np.percentile(diff, 2.5)), "high": float(np.percentile(diff, 97.5))}

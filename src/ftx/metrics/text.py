@@ -1,5 +1,6 @@
 """Generation metrics on held-out answers: the trained format (the recipe's `eval.response_regex`), exact match
-against the reference answer, and token F1 (SQuAD's overlap of normalized word tokens)."""
+against the reference answer, token F1 (SQuAD's overlap of normalized word tokens), and how long answers are
+and how many ran to the token limit (a fine-tune that forgot to stop shows here before anywhere else)."""
 
 from __future__ import annotations
 
@@ -47,3 +48,25 @@ class TokenF1(Metric):
             return 0.0
         precision, recall = common / len(out), common / len(ref)
         return 2 * precision * recall / (precision + recall)
+
+
+class AnswerWords(Metric):
+    name, label, kind = "answer_words", "answer length (words)", "generation"
+    higher_is_better = None  # informative: neither direction is better by itself
+
+    def per_example(self, output, reference, settings) -> float:
+        return float(len(words(output)))
+
+    def fmt(self, value):
+        return "—" if value is None else f"{value:.1f}"
+
+
+class Truncated(Metric):
+    name, label, kind, percent = "truncated", "ran to the token limit", "generation", True
+    higher_is_better = False
+
+    def applies_to(self, outputs) -> bool:
+        return all(getattr(o, "truncated", None) is not None for o in outputs)
+
+    def per_example(self, output, reference, settings) -> float:
+        return float(bool(getattr(output, "truncated", False)))

@@ -273,7 +273,7 @@ def export(
                 tok.chat_template,
                 lambda what: progress.update(task, description=what),
             )
-            task_metrics(files, refs, term.answers, tok, task_settings)
+            task_metrics(files, refs, term, tok, task_settings)
             for f in files:
                 f.clean_stop_rate, f.ends = term.files[f.name].clean_stop_rate, term.files[f.name].ends
         progress.advance(task)
@@ -315,21 +315,29 @@ def export(
     )
 
 
-def task_metrics(files: list[ExportFile], refs: list[str], answers: dict, tok, settings) -> None:
-    """Each artifact's held-out answers scored with the eval metrics against the reference answers, and against
-    the reference artifact's: the ratio of each metric and the answers whose pass/fail verdict flipped."""
+def task_metrics(files: list[ExportFile], refs: list[str], term, tok, settings) -> None:
+    """Each artifact's held-out answers (the termination proof's) scored with the eval metrics against the
+    reference answers, and against the reference artifact's: the ratio of each metric and the answers whose
+    pass/fail verdict flipped."""
     from .. import metrics
+    from ..core.chat import Answer
 
     settings = settings or SimpleNamespace(response_regex=None)
-    per = {
-        f.name: metrics.per_example([tok.decode(a, skip_special_tokens=True) for a in answers[f.name]], refs, settings)
-        for f in files
-    }
+    stop = {tok.convert_tokens_to_ids(t) for t in term.stop_set}
+
+    def answer(ids: list[int]) -> Answer:
+        ran_out = len(ids) >= term.max_tokens and (not ids or ids[-1] not in stop)
+        return Answer.of(tok.decode(ids, skip_special_tokens=True).strip(), len(ids), ran_out)
+
+    outputs = {f.name: [answer(a) for a in term.answers[f.name]] for f in files}
+    per = {f.name: metrics.per_example(outputs[f.name], refs, settings) for f in files}
     base = per[files[0].name]
     for f in files:
-        f.task = metrics.means(per[f.name])
+        f.task = {**metrics.means(per[f.name]), **metrics.corpus_scores(outputs[f.name], refs, settings)}
         ref = files[0].task
-        f.task_ratio = {k: (v / ref[k] if ref[k] else None) for k, v in f.task.items()}
+        f.task_ratio = {  # quality metrics only (not an answer's length or truncation)
+            k: (v / ref[k] if ref[k] else None) for k, v in f.task.items() if metrics.BY_NAME[k].higher_is_better
+        }
         f.flips = metrics.flips(base, per[f.name])
 
 
@@ -338,12 +346,14 @@ class Export(Stage):
     config = ExportConfig
     result = ExportResult
     needs = ("merge", "data", "adapter")
-    reads = ("name", "base_model", "data.max_seq_len", "eval")
+    reads = ("name", "base_model", "data.max_seq_len", "eval.response_regex", "eval.task", "eval.json_schema")
     # 2: the gate scores assistant tokens, a shared prefix once, the PPL ratio both ways; 3: the termination proof,
     # task metrics of every artifact's held-out answers
     revision = 3
 
     def run(self, ctx, out: Path) -> ExportResult:
+        from .. import metrics
+
         d = ctx.upstream("data").result
         merged = ctx.upstream("merge")
         adapter = ctx.upstream("adapter")
@@ -360,7 +370,7 @@ class Export(Stage):
             base_dir=ctx.base_dir,
             adapter_dir=ctx.file("adapter", adapter.result["adapter_dir"]),
             calib_file=ctx.file("data", d["train_file"]),
-            task_settings=ctx.setting("eval"),
+            task_settings=metrics.settings_of(ctx.setting),
         )
 
     def headline(self, r: dict) -> str:

@@ -39,7 +39,7 @@ class Serve(Stage):
     name = "serve"
     config = RecipeServe
     result = ServeResult
-    reads = ("name", "base_model", "eval")
+    reads = ("name", "base_model", "eval.max_new_tokens", "eval.response_regex", "eval.task", "eval.json_schema")
 
     def upstream(self, recipe) -> tuple[str, ...]:
         return ("export", "data") if ENGINES[recipe.serve.engine].serves == "gguf" else ("adapter", "data")
@@ -99,15 +99,15 @@ class Serve(Stage):
         held = read_split(
             ctx.file("data", ctx.upstream("data").result["heldout_file"] or ctx.upstream("data").result["val_file"])
         )[: ctx.cfg.check_prompts]
-        eval_cfg = ctx.setting("eval")
+        settings = metrics.settings_of(ctx.setting)
         prompts, refs = split_answers(held)
-        outs = [chat(ep, p, eval_cfg.max_new_tokens) for p in prompts]
+        outs = [chat(ep, p, ctx.setting("eval.max_new_tokens")) for p in prompts]
         return ServeResult(
             model=ep.model,
             engine=ctx.cfg.engine,
             startup_s=ep.startup_s,
             prompts=len(prompts),
-            metrics=metrics.generation_scores(outs, refs, eval_cfg) if prompts else {},
+            metrics=metrics.generation_scores(outs, refs, settings) if prompts else {},
             samples=[{"prompt": p[-1]["content"], "reference": r, "served": o} for p, r, o in zip(prompts, refs, outs)],
             **ep.info,
         )
