@@ -190,3 +190,38 @@ def test_training_killed_with_sigkill_resumes_to_the_same_loss(quickstart_run):
     assert manifest["stages"]["train"]["key"] == key
     assert not list(out.glob(".cache/train/*.checkpoints"))  # cleaned up once the stage finished
     assert not list(out.glob(f".cache/train/.{key}.tmp-*"))  # and the killed run's half-written stage dir
+
+
+def test_eval_scores_overlap_forgetting_and_a_judge_that_must_prove_itself(quickstart_run):
+    """The eval stage's other figures on the shared run: ROUGE-L/chrF with their libraries, answer length and
+    truncation; IFEval answered by both models (the vendored checkers, paired intervals, a table per type); the
+    base model's own GGUF as a pairwise judge on llama-server, every pair in both orders. A 135M judge does not
+    follow the judge prompt, so its checks fail and the card names no winner."""
+    ev = quickstart_run["card"]["eval"]
+    m = ev["metrics"]
+    for metric in ("rouge_l", "chrf", "answer_words", "truncated"):
+        assert set(m[metric]) == {"base", "finetuned"}, metric
+    assert m["rouge_l"]["finetuned"] > m["rouge_l"]["base"] and m["chrf"]["finetuned"] > m["chrf"]["base"]
+    assert m["answer_words"]["finetuned"] < m["answer_words"]["base"]  # one short JSON object per answer
+    assert ev["provenance"]["rouge_l"].startswith("rouge-score ") and "version:" in ev["provenance"]["chrf"]
+    f = ev["forgetting"]
+    assert f["prompts"] == 16 and f["versions"]["data_sha256"].startswith("67ffeee0")
+    for k in ("prompt_strict", "prompt_loose", "inst_strict", "inst_loose"):
+        for model in ("base", "finetuned"):
+            lo, hi = f["intervals"][k][model]
+            assert 0 <= lo <= f["scores"][model][k] <= hi <= 1, (k, model)
+        assert f["deltas"][k]["delta"] == pytest.approx(f["scores"]["finetuned"][k] - f["scores"]["base"][k])
+    assert f["drop"] == pytest.approx(f["scores"]["base"]["prompt_loose"] - f["scores"]["finetuned"]["prompt_loose"])
+    assert len(f["by_type"]) >= 10  # stratified: 16 prompts cover many instruction types
+    j = ev["judge"]
+    assert j["pairs"] == 24 and j["models"] == ["base", "fine-tuned"]
+    assert not j["reliable"] and j["verdict"] is None and "no winner" in j["text"].lower(), j["text"]
+    verdicts = [json.loads(line) for line in (quickstart_run["dir"] / "stages" / "eval" / "judge.jsonl").open()]
+    assert len(verdicts) == 24 + 4 and all(len(v["orders"]) == 2 for v in verdicts)  # + the identical pairs
+    assert {v["orders"][0]["a"] for v in verdicts} == {"model_1"} and {v["orders"][1]["a"] for v in verdicts} == {
+        "model_2"
+    }
+    assert all(o["output"] or o["error"] for v in verdicts for o in v["orders"])  # the judge really answered
+    md = (quickstart_run["dir"] / "run_card.md").read_text()
+    assert "### Forgetting: IFEval (16 prompts" in md and "| prompt-level loose |" in md
+    assert "### Judge: fine-tuned vs base" in md and "NOT RELIABLE" in md
