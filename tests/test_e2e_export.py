@@ -151,11 +151,15 @@ def test_every_artifact_stops_on_the_stop_set_and_a_foreign_end_token_is_caught(
     for f in ex["files"]:
         assert f["clean_stop_rate"] >= 0.95 and sum(f["ends"].values()) == t["prompts"], f
         # the same answers scored for the task: the fine-tune's format, on every file that ships
-        assert set(f["task"]) == {"format_rate", "exact_rate", "token_f1"} and f["task"]["format_rate"] >= 0.75, f
+        assert {"format_rate", "exact_rate", "token_f1", "rouge_l", "chrf", "answer_words", "truncated"} == set(
+            f["task"]
+        )
+        assert f["task"]["format_rate"] >= 0.75 and f["task"]["truncated"] == 0, f
+        assert "answer_words" not in f["task_ratio"] and "truncated" not in f["task_ratio"]  # not quality metrics
         assert f["flips"]["flips"] <= t["prompts"] and 0 <= f["flips"]["flip_rate"] <= 1
     assert ex["files"][0]["flips"]["flips"] == 0 and ex["files"][0]["task_ratio"]["format_rate"] == 1.0
     card = (quickstart_run["dir"] / "run_card.md").read_text()
-    assert "| file | format_rate | exact_rate | token_f1 | flips |" in card
+    assert "| file | format_rate | exact_rate | token_f1 | rouge_l | chrf | answer_words | truncated | flips |" in card
     assert 'PARAMETER stop "<|im_end|>"' in (quickstart_run["dir"] / "Modelfile").read_text()
     assert "Termination: each file answered" in (quickstart_run["dir"] / "run_card.md").read_text()
     tok = AutoTokenizer.from_pretrained(quickstart_run["dir"] / "merged")

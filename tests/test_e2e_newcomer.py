@@ -54,7 +54,7 @@ data:
   encoding: latin-1
   max_seq_len: 128
 train: {max_steps: 2, eval_every: 2, batch_size: 4}
-eval: {max_prompts: 4, max_new_tokens: 16}
+eval: {max_prompts: 4, max_new_tokens: 16, forgetting: {prompts: 8, max_new_tokens: 32}}
 export:
   gguf: {quants: [q8_0]}
   eval_tokens: 512

@@ -395,7 +395,11 @@ class Export(Stage):
         return arts
 
     def card_data(self, r: dict, recipe: str) -> dict:
+        from .. import metrics
+
+        shown = lambda k, v: metrics.BY_NAME[k].fmt(v) if k in metrics.BY_NAME else f"{v:.4f}"
         return {
             **r,
+            "task_cells": [{k: shown(k, v) for k, v in (f.get("task") or {}).items()} for f in r["files"]],
             "packaging_md": [s.card(r["packaging"][s.name], recipe) for s in STEPS if s.name in r["packaging"]],
         }
