@@ -130,3 +130,45 @@ def test_llamacpp_endpoint_adapters_by_model_name_and_openai_errors(quickstart_r
             pass
     with pytest.raises(ValueError, match="adapter name"):  # a name that is a path never reaches the engine
         ServeSettings(adapters={"../x": lora})
+
+
+def test_eval_ab_side_by_side_with_metrics_a_report_and_a_judge(quickstart_run, tmp_path):
+    """`ftx eval ab`: the base model's packaged GGUF against the quickstart run (its selected GGUF), both served
+    on llama-server for the comparison, on the held-out prompts with their references; the base GGUF as a judge
+    that must prove itself (it cannot, and the report says so)."""
+    import json
+
+    from ftx.core.basemodel import packaged_gguf
+
+    from .conftest import ROOT
+
+    base, out = packaged_gguf("smollm2-135m-instruct"), tmp_path / "ab"
+    heldout = ROOT / "recipes" / "data" / "quickstart_heldout.jsonl"
+    proc = subprocess.run(
+        [*FTX, "eval", "ab", "judge.max_tokens=32", "--a", f"base={base}", "--b", f"tuned={quickstart_run['dir']}"]
+        + ["--prompts", str(heldout), "--limit", "8", "--max-tokens", "48", "--judge-gguf", str(base)]
+        + ["--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    s = json.loads((out / "summary.json").read_text())
+    assert s["n"] == 8 and s["a"]["name"] == "base" and s["b"]["name"] == "tuned"
+    f1 = s["metrics"]["token_f1"]
+    assert f1["tuned"] > f1["base"] and s["deltas"]["token_f1"]["tuned"]["delta"] == pytest.approx(
+        f1["tuned"] - f1["base"]
+    )
+    assert s["identical"] < 0.5  # the fine-tune answers in its JSON format, the base model does not
+    rows = [json.loads(line) for line in (out / "answers.jsonl").open()]
+    assert len(rows) == 8 and sum(bool(re.fullmatch(REGEX, r["tuned"])) for r in rows) >= 6
+    assert rows == sorted(rows, key=lambda r: int(r["id"]))  # prompt order, every answer with its reference
+    assert all(r["reference"] and r["base"] != r["tuned"] for r in rows[:4])
+    j = s["judge"]
+    assert j["pairs"] == 8 and not j["reliable"] and j["verdict"] is None
+    assert len((out / "judge.jsonl").read_text().splitlines()) == 8 + 4
+    html = (out / "report.html").read_text()
+    assert "&#34;category&#34;" in html and '{"category"' not in html  # model output escaped in the HTML
+    md = (out / "summary.md").read_text()
+    assert "# tuned vs base (8 prompts" in md and "## Where they differ most" in md and "NOT RELIABLE" in md
+    assert md in proc.stdout

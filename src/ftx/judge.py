@@ -676,7 +676,7 @@ class JudgeConfig(BaseModel):
         return self
 
 
-def endpoint(cfg: JudgeConfig, base_model: str, log: Path):
+def endpoint(cfg: JudgeConfig, base_model: str | None, log: Path):
     """A context manager yielding the judge's client_fn: the configured endpoint, or the GGUF on llama-server
     (127.0.0.1, a random key) for as long as the context lasts."""
     import contextlib
@@ -693,6 +693,8 @@ def endpoint(cfg: JudgeConfig, base_model: str, log: Path):
         from . import serving
         from .core import basemodel
 
+        if not cfg.gguf and not base_model:
+            raise FtxError("judge: set judge.endpoint (an OpenAI-compatible API) or judge.gguf (a GGUF to serve)")
         gguf = Path(cfg.gguf) if cfg.gguf else basemodel.locate(base_model)
         if gguf.suffix != ".gguf":
             raise FtxError(f"eval.judge: {base_model} ships no GGUF; set eval.judge.gguf or eval.judge.endpoint")

@@ -22,9 +22,9 @@ def cli():
 
 
 def _register() -> None:
-    from . import bench, data, doctor, export, merge, plan, recipe, serve
+    from . import bench, data, doctor, eval, export, merge, plan, recipe, serve
 
-    for module in (recipe, data, merge, export, serve, bench, plan, doctor):
+    for module in (recipe, eval, data, merge, export, serve, bench, plan, doctor):
         for command in module.COMMANDS:
             cli.add_command(command)
 

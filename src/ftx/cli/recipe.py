@@ -1,4 +1,4 @@
-"""`ftx recipe run|validate|schema`, and `ftx train|dpo|eval` (a recipe run up to that stage)."""
+"""`ftx recipe run|validate|schema`, and `ftx train|dpo` (a recipe run up to that stage; `ftx eval` in eval.py)."""
 
 from __future__ import annotations
 
@@ -88,7 +88,7 @@ def recipe_schema():
     click.echo(reference(Recipe, "Recipe reference"), nl=False)
 
 
-def _until(stage: str):
+def _until(stage: str, name: str | None = None):
     @click.argument("args", nargs=-1)
     @click.option("--force", is_flag=True, help=f"re-run {stage} even if cached")
     def cmd(args, force):
@@ -99,7 +99,7 @@ def _until(stage: str):
         click.echo(str(run_dir / "run_card.md"))
 
     cmd.__doc__ = f"Run RECIPE.yaml [key=value ...] up to and including the {stage} stage (cached stages reused)."
-    return click.command(stage)(cmd)
+    return click.command(name or stage)(cmd)
 
 
-COMMANDS = [recipe, _until("train"), _until("dpo"), _until("eval")]
+COMMANDS = [recipe, _until("train"), _until("dpo")]  # `ftx eval` is a group: ftx.cli.eval
