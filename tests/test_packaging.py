@@ -62,11 +62,20 @@ def test_the_wheel_carries_its_resources(installed):
         "import ftx, json; from ftx.core import resources; "
         "print(json.dumps([ftx.__file__, str(resources.path('api_prices.yaml')), "
         "sorted(resources.hardware_profiles()), str(resources.path('modelfiles', 'chatml.gotmpl')), "
-        "str(resources.path('templates', 'card', 'export.md.j2')), str(resources.path('gotmpl', 'main.go'))]))"
+        "str(resources.path('templates', 'card', 'export.md.j2')), str(resources.path('gotmpl', 'main.go')), "
+        "str(resources.path('templates', 'ab.html.j2')), str(resources.path('mtbench', 'question.jsonl')), "
+        "str(resources.path('ifeval', 'input_data.jsonl')), str(resources.path('ifeval', 'LICENSE')), "
+        "str(resources.path('lmeval', 'ftx_quickstart_mc.yaml')), "
+        "str(resources.path('lmeval', 'quickstart_heldout.jsonl'))]))"
     )
     out = json.loads(subprocess.run([str(py), "-c", code], capture_output=True, text=True, check=True, cwd="/").stdout)
     assert all("site-packages" in p and str(ROOT) not in p for p in out if isinstance(p, str)), out
     assert out[2] == ["cloud-2vcpu", "cloud-rtx4090", "rtx4090-workstation"]
+    # the vendored eval data and checkers, and the packaged lm-eval tasks: a wheel install evaluates offline too
+    code = "from ftx.metrics import ifeval; from ftx import judge; "
+    code += "print(len(ifeval.load_prompts()), len(judge.questions()))"
+    out = subprocess.run([str(py), "-c", code], capture_output=True, text=True, check=True, cwd="/").stdout.split()
+    assert out == ["541", "80"]
 
 
 def test_recipe_validate_runs_from_the_installed_wheel(installed, tmp_path):

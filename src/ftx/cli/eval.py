@@ -1,11 +1,13 @@
-"""`ftx eval RECIPE.yaml [key=value ...]` (the recipe up to its eval stage) and `ftx eval ab` (two models or
-endpoints side by side, ftx.ab)."""
+"""`ftx eval RECIPE.yaml [key=value ...]` (the recipe up to its eval stage), `ftx eval ab` (two models or
+endpoints side by side, ftx.ab) and `ftx eval lm-eval` (lm-evaluation-harness, ftx.lmeval)."""
 
 from __future__ import annotations
 
 import click
+from pydantic import BaseModel, ConfigDict, Field
 
 from ..ab import ABJob
+from ..core.config import OutputDir
 from .grammar import Alias, DefaultGroup, abs_path, console, load, options
 from .recipe import _until
 
@@ -54,6 +56,70 @@ def eval_ab(args, **params):
     click.echo((Path(job.out) / "summary.md").read_text())
     click.echo(f"report: {Path(job.out) / 'report.html'}")
     return summary
+
+
+class LmEvalJob(BaseModel):
+    """`ftx eval lm-eval`: lm-evaluation-harness tasks on a model in-process or on a served endpoint."""
+
+    model_config = ConfigDict(extra="forbid")
+    tasks: list[str] = Field(
+        min_length=1, description="lm-eval task names or task YAML files (ftx ships ftx_quickstart_gen, _mc)"
+    )
+    model: str = Field(
+        "smollm2-135m-instruct",
+        description="an HF directory or an ftx base model name (in-process), or the model name at the endpoint",
+    )
+    adapter: str | None = Field(None, description="a peft adapter directory over the model (in-process)")
+    endpoint: str | None = Field(None, description="an OpenAI-compatible base URL (generation tasks only)")
+    limit: int | None = Field(None, ge=1, description="the first N documents of each task")
+    batch_size: int = Field(8, ge=1, description="sequences per batch in-process, concurrent requests on an endpoint")
+    out: OutputDir = Field(OutputDir("lm-eval.json"), description="the results JSON (+ .samples.jsonl beside it)")
+
+
+def _tasks(texts):
+    return [("tasks", [t for t in texts[0].split(",") if t])]
+
+
+LM_ALIASES = [
+    Alias("--tasks", "tasks", parse=_tasks, metavar="T1,T2"),
+    Alias("--model", "model", raw=True),
+    Alias("--adapter", "adapter", parse=abs_path("adapter"), metavar="DIR"),
+    Alias("--endpoint", "endpoint", raw=True),
+    Alias("--limit", "limit"),
+    Alias("--batch-size", "batch_size"),
+    Alias("--out", "out", parse=abs_path("out")),
+]
+
+
+@eval_group.command("lm-eval")
+@click.argument("args", nargs=-1)
+@options(LmEvalJob, LM_ALIASES)
+def eval_lm_eval(args, **params):
+    """lm-evaluation-harness (its Python API) on a model in-process (HF, fp32 on CPU, optional adapter) or an
+    OpenAI-compatible endpoint (generation tasks only: log-likelihood tasks are refused there). Offline: local task
+    data only. Prints each task's metrics with their standard errors; writes --out."""
+    from pathlib import Path
+
+    from .. import lmeval
+
+    job = load(LmEvalJob, args, LM_ALIASES, params, "lm-eval config").model
+    with console().status(f"lm-eval: {', '.join(job.tasks)} on {job.endpoint or job.model}"):
+        r = lmeval.run(
+            job.tasks,
+            job.model,
+            adapter=Path(job.adapter) if job.adapter else None,
+            endpoint=job.endpoint,
+            model_name=job.model if job.endpoint else None,
+            limit=job.limit,
+            batch_size=job.batch_size,
+            out=Path(job.out),
+        )
+    click.echo("| task | metric | value | stderr | n |\n|---|---|---:|---:|---:|")
+    for name, t in r["tasks"].items():
+        for metric, v in t["metrics"].items():
+            stderr = "" if v.get("stderr") is None else f"{v['stderr']:.4f}"
+            click.echo(f"| {name} | {metric} | {v['value']:.4f} | {stderr} | {t['n']} |")
+    click.echo(f"results: {job.out}")
 
 
 COMMANDS = [eval_group]
