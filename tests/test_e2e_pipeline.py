@@ -213,6 +213,11 @@ def test_eval_scores_overlap_forgetting_and_a_judge_that_must_prove_itself(quick
         assert f["deltas"][k]["delta"] == pytest.approx(f["scores"]["finetuned"][k] - f["scores"]["base"][k])
     assert f["drop"] == pytest.approx(f["scores"]["base"]["prompt_loose"] - f["scores"]["finetuned"]["prompt_loose"])
     assert len(f["by_type"]) >= 10  # stratified: 16 prompts cover many instruction types
+    # label-free drift: the JSON-only fine-tune finds the base model's own prose answers less likely
+    d = f["drift"]
+    assert d["finetuned_nll"] > d["base_nll"] > 0 and d["ppl_ratio"] == pytest.approx(
+        np.exp(d["finetuned_nll"] - d["base_nll"])
+    )
     j = ev["judge"]
     assert j["pairs"] == 24 and j["models"] == ["base", "fine-tuned"]
     assert not j["reliable"] and j["verdict"] is None and "no winner" in j["text"].lower(), j["text"]
@@ -223,5 +228,5 @@ def test_eval_scores_overlap_forgetting_and_a_judge_that_must_prove_itself(quick
     }
     assert all(o["output"] or o["error"] for v in verdicts for o in v["orders"])  # the judge really answered
     md = (quickstart_run["dir"] / "run_card.md").read_text()
-    assert "### Forgetting: IFEval (16 prompts" in md and "| prompt-level loose |" in md
+    assert "### Forgetting: IFEval (16 prompts" in md and "| prompt-level loose |" in md and "Label-free drift" in md
     assert "### Judge: fine-tuned vs base" in md and "NOT RELIABLE" in md

@@ -94,6 +94,11 @@ class Forgetting(BaseModel):
     drop: float = Field(description="base minus fine-tuned prompt-level loose accuracy (positive: forgot)")
     max_forgetting: float | None = None
     versions: dict[str, str] = Field(default_factory=dict)
+    drift: dict[str, float] | None = Field(
+        None,
+        description="label-free: each model's loss (nats/token) on the base model's own IFEval answers and the "
+        "perplexity ratio fine-tuned / base (above 1: the fine-tune moved away from what the base model would say)",
+    )
 
 
 class EvalResult(BaseModel):
@@ -115,6 +120,7 @@ class EvalResult(BaseModel):
 
 
 IFEVAL = ("prompt_strict", "prompt_loose", "inst_strict", "inst_loose")
+DRIFT_MAX_LEN = 2048  # an IFEval prompt and a base answer fit whole
 
 
 def evaluate(
@@ -143,7 +149,7 @@ def evaluate(
     prompts, refs = chat.split_answers(held)
     ife_rows = ifeval.load_prompts(cfg.forgetting.prompts) if cfg.forgetting else []
     mt = _mtbench_prompts(cfg.judge)
-    scores, outputs, ife, mt_answers = {}, {}, {}, {}
+    scores, outputs, ife, mt_answers, drift, base_answers = {}, {}, {}, {}, {}, None
     for name, label in MODELS.items():
         with model.disable_adapter() if name == "base" else contextlib.nullcontext():
             with status(f"eval: {label} answers {len(prompts)} held-out prompts"):
@@ -153,6 +159,12 @@ def evaluate(
                 with status(f"eval: {label} answers {len(ife_rows)} IFEval prompts (forgetting)"):
                     asks = [[{"role": "user", "content": r["prompt"]}] for r in ife_rows]
                     ife[name] = generate(model, tok, asks, cfg.forgetting.max_new_tokens)
+                    base_answers = base_answers or [
+                        {"messages": [*q, {"role": "assistant", "content": a}]}
+                        for q, a in zip(asks, ife["base"])
+                        if a.strip()
+                    ]
+                    drift[name] = response_loss(model, tok, base_answers, DRIFT_MAX_LEN) if base_answers else None
             if mt:
                 with status(f"eval: {label} answers {len(mt)} MT-Bench questions"):
                     asks = [[{"role": "user", "content": q["turns"][0]}] for q in mt]
@@ -165,7 +177,7 @@ def evaluate(
         Sample(prompt=p[-1]["content"], reference=r, outputs={n: outputs[n][i] for n in MODELS})
         for i, (p, r) in enumerate(zip(prompts, refs))
     ]
-    forgetting = _forgetting(cfg, ife_rows, ife) if ife_rows else None
+    forgetting = _forgetting(cfg, ife_rows, ife, drift) if ife_rows else None
     verdict = None
     if cfg.judge:
         if mt:
@@ -227,7 +239,7 @@ def _judge(cfg: JudgeConfig, items: list[dict], base_model: str, out: Path) -> d
     return result.summary.model_dump()
 
 
-def _forgetting(cfg: EvalConfig, rows: list[dict], answers: dict[str, list[str]]) -> Forgetting:
+def _forgetting(cfg: EvalConfig, rows: list[dict], answers: dict[str, list[str]], drift=None) -> Forgetting:
     """IFEval figures of both models with 95% intervals and paired differences; raises (with the table) when the
     fine-tune's prompt-level loose accuracy fell by more than eval.max_forgetting."""
     from .. import metrics
@@ -248,6 +260,7 @@ def _forgetting(cfg: EvalConfig, rows: list[dict], answers: dict[str, list[str]]
         drop=metrics.means(examples["base"])["prompt_loose"] - metrics.means(examples["finetuned"])["prompt_loose"],
         max_forgetting=cfg.max_forgetting,
         versions=ifeval.versions(),
+        drift=_drift(drift) if drift and None not in drift.values() else None,
     )
     if cfg.max_forgetting is not None and result.drop > cfg.max_forgetting:
         raise FtxError(
@@ -256,6 +269,16 @@ def _forgetting(cfg: EvalConfig, rows: list[dict], answers: dict[str, list[str]]
             + forgetting_table(result.model_dump())
         )
     return result
+
+
+def _drift(nll: dict[str, float]) -> dict[str, float]:
+    import math
+
+    return {
+        "base_nll": nll["base"],
+        "finetuned_nll": nll["finetuned"],
+        "ppl_ratio": math.exp(min(nll["finetuned"] - nll["base"], 50)),
+    }
 
 
 def forgetting_table(f: dict) -> str:
@@ -285,8 +308,9 @@ class Eval(Stage):
     needs = ("adapter", "data")
     reads = ("data.max_seq_len", "base_model")
     # 2: token F1, 95% intervals and paired base -> fine-tuned differences; 3: ROUGE-L, chrF, answer length,
-    # truncation, the structured and translation metrics, the IFEval forgetting check, the judge
-    revision = 3
+    # truncation, the structured and translation metrics, the IFEval forgetting check, the judge; 4: the
+    # label-free drift on the base model's own IFEval answers
+    revision = 4
 
     def run(self, ctx, out: Path) -> EvalResult:
         d = ctx.upstream("data").result
