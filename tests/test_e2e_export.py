@@ -159,7 +159,13 @@ def test_every_artifact_stops_on_the_stop_set_and_a_foreign_end_token_is_caught(
         assert f["flips"]["flips"] <= t["prompts"] and 0 <= f["flips"]["flip_rate"] <= 1
     assert ex["files"][0]["flips"]["flips"] == 0 and ex["files"][0]["task_ratio"]["format_rate"] == 1.0
     card = (quickstart_run["dir"] / "run_card.md").read_text()
-    assert "| file | format_rate | exact_rate | token_f1 | rouge_l | chrf | answer_words | truncated | flips |" in card
+    # one table: the merged HF model and every file, answers cut at eval.max_new_tokens, intervals, paired deltas
+    tt = ex["task_table"]
+    assert tt["columns"] == ["merged"] + [f["name"] for f in ex["files"]] and tt["max_tokens"] == 48
+    fmt = tt["metrics"]["format_rate"]
+    assert fmt["merged"] >= 0.75 and all(lo <= fmt[c] <= hi for c, (lo, hi) in tt["intervals"]["format_rate"].items())
+    assert set(tt["deltas"]["token_f1"]) == {f["name"] for f in ex["files"]}  # each file against the merged model
+    assert "| | merged | f16 | q8_0 | q6_k | q4_k_m | Δ f16 (95% CI) |" in card
     assert 'PARAMETER stop "<|im_end|>"' in (quickstart_run["dir"] / "Modelfile").read_text()
     assert "Termination: each file answered" in (quickstart_run["dir"] / "run_card.md").read_text()
     tok = AutoTokenizer.from_pretrained(quickstart_run["dir"] / "merged")

@@ -137,6 +137,11 @@ class ExportResult(BaseModel):
     )
     lineage: str | None = None
     termination: TerminationResult | None = None
+    task_table: dict | None = Field(
+        None,
+        description="task metrics x artifact (the merged HF model, then every file) with 95% intervals and paired "
+        "differences from the merged model, answers cut at eval.max_new_tokens",
+    )
     extras: dict = Field(default_factory=dict, description="format facts (GGUF: the importance matrix)")
     packaging: dict[str, dict] = Field(default_factory=dict, description="result of each packaging step that ran")
 
@@ -198,6 +203,7 @@ def export(
     lineage: str | None = None,
     base_model: str | None = None,
     task_settings=None,
+    task_tokens: int | None = None,
     base_dir: Path | None = None,
     adapter_dir: Path | None = None,
     calib_file: Path | None = None,
@@ -259,7 +265,7 @@ def export(
             )
             files.append(f)
             progress.advance(task)
-        term = None
+        term, task_table = None, None
         if cfg.termination:
             held, refs = split_answers(read_split(heldout_file or val_file)[: cfg.termination.prompts])
             prompts = [prompt_ids(tok, m) for m in held]
@@ -273,7 +279,9 @@ def export(
                 tok.chat_template,
                 lambda what: progress.update(task, description=what),
             )
-            task_metrics(files, refs, term, tok, task_settings)
+            progress.update(task, description=f"merged model (HF) answers {len(held)} held-out prompts")
+            merged_answers = _hf_answers(model_dir, tok, held, task_tokens or cfg.termination.max_tokens)
+            task_table = task_metrics(files, refs, term, tok, task_settings, task_tokens, merged_answers)
             for f in files:
                 f.clean_stop_rate, f.ends = term.files[f.name].clean_stop_rate, term.files[f.name].ends
         progress.advance(task)
@@ -310,35 +318,58 @@ def export(
         scored=positions.split,
         lineage=lineage,
         termination=term,
+        task_table=task_table,
         extras=fmt.extras(settings, out),
         packaging=packaging,
     )
 
 
-def task_metrics(files: list[ExportFile], refs: list[str], term, tok, settings) -> None:
-    """Each artifact's held-out answers (the termination proof's) scored with the eval metrics against the
-    reference answers, and against the reference artifact's: the ratio of each metric and the answers whose
-    pass/fail verdict flipped."""
+def _hf_answers(model_dir: Path, tok, prompts: list[list[dict]], max_new_tokens: int) -> list:
+    """The merged model's own greedy answers (HF, fp32), generated as the eval stage generates them."""
+    from ..core.models import generate, load_base
+
+    model, _ = load_base(model_dir, "lora", "cpu")
+    return generate(model, tok, prompts, max_new_tokens)
+
+
+def task_metrics(
+    files: list[ExportFile], refs: list[str], term, tok, settings, max_tokens: int | None, merged: list
+) -> dict:
+    """Each artifact's held-out answers (the termination proof's, cut at the eval stage's `max_tokens`: greedy
+    decoding with a lower limit gives exactly those first tokens, so every artifact is scored as the eval stage
+    scores base and fine-tuned) and the merged HF model's, scored with the eval metrics against the references:
+    a metric x artifact table with 95% intervals and paired differences from the merged model; per file, the ratio
+    of each metric to the reference artifact's and the answers whose pass/fail verdict flipped from it."""
     from .. import metrics
     from ..core.chat import Answer
 
     settings = settings or SimpleNamespace(response_regex=None)
     stop = {tok.convert_tokens_to_ids(t) for t in term.stop_set}
+    limit = max_tokens or term.max_tokens
 
     def answer(ids: list[int]) -> Answer:
-        ran_out = len(ids) >= term.max_tokens and (not ids or ids[-1] not in stop)
-        return Answer.of(tok.decode(ids, skip_special_tokens=True).strip(), len(ids), ran_out)
+        ran_out = len(ids) > limit or (len(ids) >= term.max_tokens and (not ids or ids[-1] not in stop))
+        cut = ids[:limit]
+        return Answer.of(tok.decode(cut, skip_special_tokens=True).strip(), len(cut), ran_out)
 
-    outputs = {f.name: [answer(a) for a in term.answers[f.name]] for f in files}
-    per = {f.name: metrics.per_example(outputs[f.name], refs, settings) for f in files}
+    outputs = {"merged": merged, **{f.name: [answer(a) for a in term.answers[f.name]] for f in files}}
+    judged = metrics.assess(outputs, refs, settings, "merged")
+    per = judged["examples"]
     base = per[files[0].name]
     for f in files:
-        f.task = {**metrics.means(per[f.name]), **metrics.corpus_scores(outputs[f.name], refs, settings)}
+        f.task = judged["scores"][f.name]
         ref = files[0].task
         f.task_ratio = {  # quality metrics only (not an answer's length or truncation)
             k: (v / ref[k] if ref[k] else None) for k, v in f.task.items() if metrics.BY_NAME[k].higher_is_better
         }
         f.flips = metrics.flips(base, per[f.name])
+    return {
+        "columns": list(outputs),
+        "max_tokens": limit,
+        "metrics": metrics.by_metric(judged["scores"]),
+        "intervals": judged["intervals"],
+        "deltas": judged["deltas"],
+    }
 
 
 class Export(Stage):
@@ -346,10 +377,19 @@ class Export(Stage):
     config = ExportConfig
     result = ExportResult
     needs = ("merge", "data", "adapter")
-    reads = ("name", "base_model", "data.max_seq_len", "eval.response_regex", "eval.task", "eval.json_schema")
+    reads = (
+        "name",
+        "base_model",
+        "data.max_seq_len",
+        "eval.response_regex",
+        "eval.task",
+        "eval.json_schema",
+        "eval.max_new_tokens",
+    )
     # 2: the gate scores assistant tokens, a shared prefix once, the PPL ratio both ways; 3: the termination proof,
-    # task metrics of every artifact's held-out answers
-    revision = 3
+    # task metrics of every artifact's held-out answers; 4: the merged model's too, one table with intervals, answers
+    # cut at eval.max_new_tokens as the eval stage generates them
+    revision = 4
 
     def run(self, ctx, out: Path) -> ExportResult:
         from .. import metrics
@@ -371,6 +411,7 @@ class Export(Stage):
             adapter_dir=ctx.file("adapter", adapter.result["adapter_dir"]),
             calib_file=ctx.file("data", d["train_file"]),
             task_settings=metrics.settings_of(ctx.setting),
+            task_tokens=ctx.setting("eval.max_new_tokens"),
         )
 
     def headline(self, r: dict) -> str:
@@ -397,9 +438,10 @@ class Export(Stage):
     def card_data(self, r: dict, recipe: str) -> dict:
         from .. import metrics
 
-        shown = lambda k, v: metrics.BY_NAME[k].fmt(v) if k in metrics.BY_NAME else f"{v:.4f}"
         return {
             **r,
-            "task_cells": [{k: shown(k, v) for k, v in (f.get("task") or {}).items()} for f in r["files"]],
+            "task_md": metrics.table(t["metrics"], t["columns"], None, t["intervals"], t["deltas"])
+            if (t := r.get("task_table"))
+            else None,
             "packaging_md": [s.card(r["packaging"][s.name], recipe) for s in STEPS if s.name in r["packaging"]],
         }
