@@ -46,8 +46,8 @@ SETTINGS = [
     "export.eval_tokens=2048",
     "export.termination.prompts=8",
     "eval.forgetting.prompts=16",
-    "eval.forgetting.max_new_tokens=96",
-    "eval.judge.max_tokens=64",
+    "eval.forgetting.max_new_tokens=64",
+    "eval.judge.max_tokens=32",
 ]
 
 
