@@ -38,7 +38,8 @@ def recipe_copy(tmp_path):
 # ------------------------------------------------------------------ the quickstart pipeline, run once per session
 STEPS = 20
 BENCH_REQUESTS = 8
-# the quickstart with fewer steps, bench requests and quality-gate tokens: the same pipeline, in less time
+# the quickstart with fewer steps, bench requests, quality-gate tokens and IFEval prompts and no judge (45 s here):
+# the same pipeline, in less time
 SETTINGS = [
     f"train.max_steps={STEPS}",
     "train.eval_every=10",
@@ -47,7 +48,7 @@ SETTINGS = [
     "export.termination.prompts=8",
     "eval.forgetting.prompts=16",
     "eval.forgetting.max_new_tokens=64",
-    "eval.judge.max_tokens=32",
+    "eval.judge=null",  # the eval stage's judge: tests/test_e2e_newcomer.py (4 pairs); judge.py: `ftx eval ab`
 ]
 
 

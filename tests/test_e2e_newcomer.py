@@ -54,7 +54,7 @@ data:
   encoding: latin-1
   max_seq_len: 128
 train: {max_steps: 2, eval_every: 2, batch_size: 4}
-eval: {max_prompts: 4, max_new_tokens: 16, forgetting: {prompts: 8, max_new_tokens: 32}}
+eval: {max_prompts: 4, max_new_tokens: 16, forgetting: {prompts: 8, max_new_tokens: 32}, judge: {max_tokens: 16}}
 export:
   gguf: {quants: [q8_0]}
   eval_tokens: 512
@@ -81,6 +81,17 @@ def test_own_latin1_csv_to_bundle_to_served(tmp_path):
     assert card["data"]["load"][0]["format"] == "alpaca" and card["data"]["heldout_rows"] == 4
     samples = json.dumps(card["eval"]["samples"], ensure_ascii=False)
     assert "café 100" in samples and "CAFÉ 100" in samples and "über 102" in samples  # Latin-1 text read as text
+    # the judge (the base model's own GGUF on llama-server) on every held-out pair, in both orders: a 135M judge
+    # does not follow the judge prompt, so its checks fail and the card names no winner
+    j = card["eval"]["judge"]
+    assert j["pairs"] == 4 and j["models"] == ["base", "fine-tuned"]
+    assert not j["reliable"] and j["verdict"] is None and "no winner" in j["text"].lower(), j["text"]
+    verdicts = [json.loads(line) for line in (run_dir / "stages" / "eval" / "judge.jsonl").open()]
+    assert len(verdicts) == 4 + 4 and all(len(v["orders"]) == 2 for v in verdicts)  # + the identical pairs
+    assert [v["orders"][0]["a"] for v in verdicts] == ["model_1"] * 8
+    assert [v["orders"][1]["a"] for v in verdicts] == ["model_2"] * 8
+    assert all(o["output"] or o["error"] for v in verdicts for o in v["orders"])  # the judge really answered
+    assert "### Judge: fine-tuned vs base" in (md := (run_dir / "run_card.md").read_text()) and "NOT RELIABLE" in md
     # the bundle: real files, the proven Modelfile, the run card that names it, the license, checksums that verify
     ship = tmp_path / "ship"
     assert card["bundle"]["dir"] == str(ship)

@@ -192,11 +192,10 @@ def test_training_killed_with_sigkill_resumes_to_the_same_loss(quickstart_run):
     assert not list(out.glob(f".cache/train/.{key}.tmp-*"))  # and the killed run's half-written stage dir
 
 
-def test_eval_scores_overlap_forgetting_and_a_judge_that_must_prove_itself(quickstart_run):
+def test_eval_scores_overlap_and_forgetting(quickstart_run):
     """The eval stage's other figures on the shared run: ROUGE-L/chrF with their libraries, answer length and
-    truncation; IFEval answered by both models (the vendored checkers, paired intervals, a table per type); the
-    base model's own GGUF as a pairwise judge on llama-server, every pair in both orders. A 135M judge does not
-    follow the judge prompt, so its checks fail and the card names no winner."""
+    truncation; IFEval answered by both models (the vendored checkers, paired intervals, a table per type) and the
+    label-free drift figure."""
     ev = quickstart_run["card"]["eval"]
     m = ev["metrics"]
     for metric in ("rouge_l", "chrf", "answer_words", "truncated"):
@@ -218,15 +217,7 @@ def test_eval_scores_overlap_forgetting_and_a_judge_that_must_prove_itself(quick
     assert d["finetuned_nll"] > d["base_nll"] > 0 and d["ppl_ratio"] == pytest.approx(
         np.exp(d["finetuned_nll"] - d["base_nll"])
     )
-    j = ev["judge"]
-    assert j["pairs"] == 24 and j["models"] == ["base", "fine-tuned"]
-    assert not j["reliable"] and j["verdict"] is None and "no winner" in j["text"].lower(), j["text"]
-    verdicts = [json.loads(line) for line in (quickstart_run["dir"] / "stages" / "eval" / "judge.jsonl").open()]
-    assert len(verdicts) == 24 + 4 and all(len(v["orders"]) == 2 for v in verdicts)  # + the identical pairs
-    assert {v["orders"][0]["a"] for v in verdicts} == {"model_1"} and {v["orders"][1]["a"] for v in verdicts} == {
-        "model_2"
-    }
-    assert all(o["output"] or o["error"] for v in verdicts for o in v["orders"])  # the judge really answered
+    assert ev["judge"] is None  # switched off in the shared run: tested in test_e2e_newcomer.py
     md = (quickstart_run["dir"] / "run_card.md").read_text()
     assert "### Forgetting: IFEval (16 prompts" in md and "| prompt-level loose |" in md and "Label-free drift" in md
-    assert "### Judge: fine-tuned vs base" in md and "NOT RELIABLE" in md
+    assert "### Judge" not in md
