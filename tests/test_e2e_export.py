@@ -85,7 +85,13 @@ def test_modelfile(quickstart_run):
     assert proof["proven"] and proof["family"] == "chatml"
     assert [r["status"] for r in proof["rows"]] == ["same"] * 5
     assert ex["packaging"]["modelfile"]["family"] == "chatml"
-    assert "chatml family, proven" in (run_dir / "run_card.md").read_text()
+    assert "chatml family, proven" in (card := (run_dir / "run_card.md").read_text())
+    # the variant without TEMPLATE, for an Ollama that renders the GGUF's own template: proven on llama.cpp
+    assert proof["gguf_template"] and ex["packaging"]["modelfile"]["gguf_template_file"] == "Modelfile.gguf-template"
+    for name in ("Modelfile.gguf-template", "Modelfile.adapter.gguf-template"):
+        variant = (run_dir / name).read_text()
+        assert "\nTEMPLATE" not in variant and "SYSTEM" not in variant and 'PARAMETER stop "<|im_end|>"' in variant
+    assert "Without TEMPLATE: `Modelfile.gguf-template`" in card
 
 
 def test_quality_gate_measures_every_quant_and_serves_the_smallest_passing(quickstart_run, heldout, tmp_path):

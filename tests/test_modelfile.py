@@ -132,6 +132,34 @@ def test_modelfile_for_smollm2_from_its_gguf(tok, ggufs, tmp_path):
     template = text.split('TEMPLATE """', 1)[1].split('"""', 1)[0]
     assert template == (ROOT / "modelfiles" / "chatml.gotmpl").read_text()
     assert (tmp_path / "Modelfile.proof.json").is_file()
+    # the variant without TEMPLATE and SYSTEM: the GGUF embeds SmolLM2's template, which llama.cpp renders to the
+    # HF ids (its default system prompt included, the "single turn" conversation has none)
+    assert proof.gguf_template and proof.llamacpp_same
+    variant = (tmp_path / "Modelfile.gguf-template").read_text()
+    assert "TEMPLATE" not in variant.replace("No TEMPLATE", "") and "SYSTEM" not in variant
+    assert [line for line in variant.splitlines() if not line.startswith("#")] == [
+        line for line in text.splitlines() if not line.startswith("#") and line.startswith(("FROM", "PARAMETER"))
+    ]
+
+
+def test_gguf_template_that_differs_from_the_tokenizers_is_caught(tok, ggufs, tmp_path):
+    """A tokenizer whose chat template is not the one the GGUF embeds (here ChatML without the newline after the
+    role; the GGUF keeps SmolLM2's): neither a Go family nor the GGUF's own template gives its ids, so neither
+    Modelfile is written, and a stale variant from an earlier run goes."""
+    import copy
+
+    other = copy.deepcopy(tok)
+    other.chat_template = (
+        "{% for m in messages %}{{ '<|im_start|>' + m['role'] + m['content'] + '<|im_end|>\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    )
+    gguf = tmp_path / "model.gguf"
+    shutil.copy(ggufs["plain"], gguf)
+    (tmp_path / "Modelfile.gguf-template").write_text("stale")
+    proof = mf.write(other, None, gguf, "smol", 1024, tmp_path / "Modelfile")
+    assert not proof.proven and proof.gguf_template is False and not proof.llamacpp_same
+    assert "llama.cpp renders the GGUF's template differently" in proof.reason
+    assert not (tmp_path / "Modelfile").exists() and not (tmp_path / "Modelfile.gguf-template").exists()
 
 
 def test_go_renderer_has_ollama_semantics():

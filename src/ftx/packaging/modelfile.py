@@ -61,6 +61,9 @@ PROBES: list[tuple[str, list[dict]]] = [
 ]
 
 
+GGUF_TEMPLATE = ".gguf-template"  # suffix of the Modelfile variant without TEMPLATE (the GGUF's own template)
+
+
 class ProofRow(BaseModel):
     conversation: str
     status: Literal["same", "differs", "skipped"]
@@ -75,6 +78,13 @@ class Proof(BaseModel):
     rows: list[ProofRow] = []
     tried: dict[str, str] = {}  # family -> why it did not prove
     reason: str | None = None
+    # the llama.cpp leg alone: llama.cpp's rendering of the template it was given gives the HF ids on every
+    # conversation. Proven on the GGUF's own embedded template (no override), it is the proof of the Modelfile
+    # variant without TEMPLATE, which leaves the template to the GGUF (Modelfile.gguf-template)
+    llamacpp_same: bool = False
+    gguf_template: bool | None = Field(
+        None, description="the GGUF's embedded chat template gives the HF ids in llama.cpp (None: not tested)"
+    )
 
 
 # ---- renderers -----------------------------------------------------------------------------------------
@@ -266,16 +276,18 @@ def prove(tok, chat_template: str, cpp: LlamaCpp, families: list[str] | None = N
         rows=rows + skipped,
         tried=tried,
         reason="; ".join(reasons) or None,
+        llamacpp_same=all(cpp_ids[n] == ids for n, ids in hf_ids.items()),
     )
 
 
-def stop_tokens(tok, model_dir: Path | None, family: str, extra: list[str] = ()) -> list[str]:
+def stop_tokens(tok, model_dir: Path | None, family: str | None, extra: list[str] = ()) -> list[str]:
     """EOS tokens of the tokenizer and generation_config, then the family's end-of-turn markers and `extra` (end
     tokens the export's termination check added) that are single tokens of this vocabulary."""
     from ..core.chat import end_ids
 
     stops = []
-    for t in [tok.convert_ids_to_tokens(i) for i in end_ids(tok, model_dir)] + FAMILIES[family] + list(extra):
+    family_stops = FAMILIES[family] if family else []
+    for t in [tok.convert_ids_to_tokens(i) for i in end_ids(tok, model_dir)] + family_stops + list(extra):
         if t and t not in stops and len(tok(t, add_special_tokens=False)["input_ids"]) == 1 and t in tok.get_vocab():
             stops.append(t)
     return stops
@@ -292,11 +304,15 @@ def render_modelfile(
     file_name: str,
     adapter: str | None = None,
     parameters: dict | None = None,
+    gguf_template: bool = False,
 ) -> str:
+    """The Modelfile text: the proven family's Go TEMPLATE and SYSTEM, or with `gguf_template` neither (Ollama
+    then takes the chat template the GGUF embeds, which injects its own default system prompt)."""
     from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
-    template = family_template(proof.family, tok, chat_template)
-    for what, text in (("TEMPLATE", template), ("SYSTEM", proof.system or "")):
+    template = None if gguf_template else family_template(proof.family, tok, chat_template)
+    system = None if gguf_template else proof.system
+    for what, text in (("TEMPLATE", template or ""), ("SYSTEM", system or "")):
         if '"""' in text:
             raise FtxError(f'{what} contains """, which a Modelfile cannot quote')
     env = Environment(
@@ -308,11 +324,12 @@ def render_modelfile(
         gguf=f"./{gguf}",
         adapter=f"./{adapter}" if adapter else None,
         template=template,
-        system=proof.system,
+        system=system,
         stops=stops,
         num_ctx=num_ctx,
         parameters=parameters or {},
         file=file_name,
+        proof_file=f"{file_name.removesuffix(GGUF_TEMPLATE)}.proof.json",
         checked=len([r for r in proof.rows if r.status == "same"]),
     )
 
@@ -327,7 +344,13 @@ def prove_with_server(tok, gguf: Path, log: Path, chat_template_file: Path | Non
     extra = ("--jinja", "--chat-template-file", str(chat_template_file)) if chat_template_file else ("--jinja",)
     settings = ServeSettings(engine="llamacpp", llamacpp={"parallel": 1, "ctx_size": 2048})
     with start(settings, gguf, "template-proof", log, extra_args=extra, raw=True) as ep:
-        return prove(tok, chat_template, LlamaCpp(ep.base_url, ep.api_key))
+        proof = prove(tok, chat_template, LlamaCpp(ep.base_url, ep.api_key))
+    if chat_template_file is None:  # llama.cpp rendered the GGUF's own template (when it embeds one)
+        from ..core.gguf import fields
+
+        embeds = bool(fields(gguf, ("tokenizer.chat_template",)))
+        proof.gguf_template = embeds and proof.llamacpp_same
+    return proof
 
 
 def write(
@@ -343,30 +366,38 @@ def write(
     extra_stops: list[str] = (),
 ) -> Proof:
     """Prove the template against llama.cpp serving `gguf` (with `adapter`), then write `dst` and
-    `dst`.proof.json. Unproven: only the proof file, which says why."""
+    `dst`.proof.json. Unproven: only the proof file, which says why. Where the GGUF's own chat template is proven
+    (llama.cpp's rendering of it gives the HF ids), also `dst`.gguf-template: the same Modelfile without TEMPLATE
+    and SYSTEM, for an Ollama that renders the GGUF's template itself; written even when no Go family is proven."""
+    import os
+
     from ..core.cache import atomic_write_text, write_json
 
     proof = prove_with_server(tok, gguf, log or dst.parent / f"{dst.name}.llama-server.log")
     write_json(dst.parent / f"{dst.name}.proof.json", proof.model_dump())
-    if proof.proven:
-        import os
 
-        def rel(p: Path) -> str:  # FROM / ADAPTER paths are relative to the Modelfile
-            return os.path.relpath(Path(p).absolute(), Path(dst).absolute().parent)
+    def rel(p: Path) -> str:  # FROM / ADAPTER paths are relative to the Modelfile
+        return os.path.relpath(Path(p).absolute(), Path(dst).absolute().parent)
 
-        text = render_modelfile(
-            proof,
-            tok,
-            tok.chat_template,
-            rel(gguf),
-            name,
-            num_ctx,
-            stop_tokens(tok, model_dir, proof.family, extra_stops),
-            dst.name,
-            rel(adapter) if adapter else None,
-            parameters,
-        )
-        atomic_write_text(dst, text)
+    stops = stop_tokens(tok, model_dir, proof.family, extra_stops)
+    for path, wanted in ((dst, proof.proven), (dst.parent / f"{dst.name}{GGUF_TEMPLATE}", proof.gguf_template)):
+        if wanted:
+            text = render_modelfile(
+                proof,
+                tok,
+                tok.chat_template,
+                rel(gguf),
+                name,
+                num_ctx,
+                stops,
+                path.name,
+                rel(adapter) if adapter else None,
+                parameters,
+                gguf_template=path != dst,
+            )
+            atomic_write_text(path, text)
+        elif path != dst:
+            path.unlink(missing_ok=True)  # a stale variant from an earlier run
     return proof
 
 
@@ -473,6 +504,9 @@ class ModelfileResult(BaseModel):
     gguf: str
     family: str | None = None
     note: str | None = Field(None, description="why no Modelfile was written (the template proof failed)")
+    gguf_template_file: str | None = Field(
+        None, description="the variant without TEMPLATE (the GGUF's own chat template), when that template is proven"
+    )
     num_ctx: int | None = None
     num_ctx_source: str | None = None
     parameters: dict = Field(default_factory=dict)
@@ -513,17 +547,30 @@ class ModelfileStep(Step):
                 extra_stops=job.extra_stops,
             )
         return ModelfileResult(
-            file="Modelfile" if proof.proven else None, gguf=gguf.name, family=proof.family, note=proof.reason, **rt
+            file="Modelfile" if proof.proven else None,
+            gguf=gguf.name,
+            family=proof.family,
+            note=proof.reason,
+            gguf_template_file=f"Modelfile{GGUF_TEMPLATE}" if proof.gguf_template else None,
+            **rt,
         )
 
     def card(self, r: dict, recipe: str) -> str:
+        variant = (
+            f" Without TEMPLATE: `{r['gguf_template_file']}` leaves the template to the GGUF (Ollama then uses its "
+            "tokenizer.chat_template), proven the same way: llama.cpp's rendering of the GGUF's own template gives "
+            "the HF ids on every test conversation."
+            if r.get("gguf_template_file")
+            else " The GGUF's own chat template is not proven (no Modelfile without TEMPLATE): Ollama must be "
+            "given the TEMPLATE."
+        )
         if not r["file"]:
-            return f"No Modelfile: {r['note']}"
+            return f"No Modelfile: {r['note']}.{variant}"
         params = ", ".join(f"{k} {v}" for k, v in r.get("parameters", {}).items()) or "none set"
         return (
             f"Ollama: `ollama create {recipe} -f Modelfile` (in this directory; FROM `{r['gguf']}`). Its TEMPLATE "
             f"is the {r['family']} family, proven: the HF chat template, the TEMPLATE under Go text/template and "
             "llama.cpp give the same token ids on every test conversation (Modelfile.proof.json). "
             f"num_ctx {r.get('num_ctx')} ({r.get('num_ctx_source')}); sampling: {params} "
-            f"({r.get('parameters_source')})."
+            f"({r.get('parameters_source')}).{variant}"
         )

@@ -388,8 +388,8 @@ class Export(Stage):
     )
     # 2: the gate scores assistant tokens, a shared prefix once, the PPL ratio both ways; 3: the termination proof,
     # task metrics of every artifact's held-out answers; 4: the merged model's too, one table with intervals, answers
-    # cut at eval.max_new_tokens as the eval stage generates them
-    revision = 4
+    # cut at eval.max_new_tokens as the eval stage generates them; 5: the Modelfile variants without TEMPLATE
+    revision = 5
 
     def run(self, ctx, out: Path) -> ExportResult:
         from .. import metrics
@@ -431,8 +431,9 @@ class Export(Stage):
                 Artifact(lora["base_file"], lora["base_file"]),
                 Artifact(lora["adapter_file"], lora["adapter_file"]),
             ]
-        for mf in ("Modelfile", "Modelfile.adapter"):  # with their template proofs (also when unproven)
-            arts += [Artifact(f, f, copy=True, optional=True) for f in (mf, f"{mf}.proof.json")]
+        for mf in ("Modelfile", "Modelfile.adapter"):  # with their template proofs (also when unproven) and variants
+            files = (mf, f"{mf}.proof.json", f"{mf}.gguf-template")  # without TEMPLATE: the GGUF's own template
+            arts += [Artifact(f, f, copy=True, optional=True) for f in files]
         return arts
 
     def card_data(self, r: dict, recipe: str) -> dict:
