@@ -172,3 +172,84 @@ def test_eval_ab_side_by_side_with_metrics_a_report_and_a_judge(quickstart_run, 
     md = (out / "summary.md").read_text()
     assert "# tuned vs base (8 prompts" in md and "## Where they differ most" in md and "NOT RELIABLE" in md
     assert md in proc.stdout
+
+
+def test_hot_swap_on_sighup_under_load_fails_no_request(quickstart_run, heldout, tmp_path):
+    """`ftx serve` (llama.cpp, base GGUF + the GGUF LoRA) under load from two clients; the serve config gains a
+    second adapter and the server gets SIGHUP: a new llama-server starts, the gateway switches to it and drains
+    the old one, and no request fails. A reload whose config is broken keeps the running engine."""
+    import threading
+
+    import openai
+    import psutil
+
+    port, key = free_port(), "swap-key"
+    base, lora = quickstart_run["dir"] / "base-f16.gguf", quickstart_run["dir"] / "adapter-f16.gguf"
+    cfg = tmp_path / "edge.yaml"
+    config = f"engine: llamacpp\ngguf: {base}\nname: base\nllamacpp: {{parallel: 2}}\nadapters:\n  sft: {lora}\n"
+    cfg.write_text(config)
+    log = tmp_path / "server.log"
+    proc = subprocess.Popen(
+        [*FTX, "serve", str(cfg), "--port", str(port), "--api-key", key, "--log", str(log)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key, max_retries=0, timeout=120)
+    done, errors, spans = threading.Event(), [], []
+
+    def load(models):
+        i = 0
+        while not done.is_set():
+            t0 = time.monotonic()
+            try:
+                r = client.chat.completions.create(
+                    model=models[i % len(models)], messages=heldout[i % 8][:-1], max_tokens=24, temperature=0
+                )
+                assert r.choices[0].message.content
+            except Exception as e:  # noqa: BLE001 - every failure counts
+                errors.append(repr(e))
+            spans.append((t0, time.monotonic()))
+            i += 1
+
+    try:
+        wait_healthy(port, proc)
+        workers = [threading.Thread(target=load, args=(m,)) for m in (["sft", "base"], ["base", "sft"])]
+        for w in workers:
+            w.start()
+        time.sleep(2)
+        cfg.write_text(config + f"  sft2: {lora}\n")
+        swap_at = time.monotonic()
+        proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 120
+        while [m.id for m in client.models.list().data] != ["base", "sft", "sft2"]:
+            assert time.monotonic() < deadline and proc.poll() is None, "no reload"
+            time.sleep(0.2)
+        swapped_at = time.monotonic()
+        time.sleep(2)
+        done.set()
+        for w in workers:
+            w.join(timeout=120)
+        assert errors == [] and len(spans) >= 6, errors
+        # requests were running while the new engine started and the old one drained
+        assert any(t0 < swapped_at and t1 > swap_at for t0, t1 in spans)
+        p = heldout[0][:-1]
+        same = [
+            client.chat.completions.create(model=m, messages=p, max_tokens=32, temperature=0).choices[0].message.content
+            for m in ("sft", "sft2")
+        ]
+        assert same[0] == same[1] and re.search(REGEX, same[0])  # the same adapter file under a second name
+        assert (tmp_path / "server.log.swap-1").is_file()
+        # a broken config on the next SIGHUP: reported, and the running engine keeps serving
+        cfg.write_text(config + f"  bad: {tmp_path / 'missing.gguf'}\n")
+        proc.send_signal(signal.SIGHUP)
+        time.sleep(3)
+        assert [m.id for m in client.models.list().data] == ["base", "sft", "sft2"]
+    finally:
+        done.set()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    out = proc.stdout.read()
+    assert "reloaded" in out and "reload failed" in out and "missing.gguf" in out, out[-2000:]
+    # one llama-server at a time: the first was stopped after the swap, the second at shutdown
+    assert not [p for p in psutil.process_iter(["cmdline"]) if str(base) in (p.info["cmdline"] or [])]

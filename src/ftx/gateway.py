@@ -16,10 +16,16 @@ inference), /tokenize, /pooling, /score, /metrics and others stay open (vLLM's o
 
 Keys: `api_key` (clients) and `upstream_key` (the engine's) come from the config, else from $FTX_API_KEY (the
 Kubernetes sidecar reads it from a Secret).
+
+Hot swap (`POST /ftx/upstream`, key required): the body names a new engine (upstream, upstream_key, model,
+adapters). Requests that arrive after it go to the new engine; the call returns once every request still running on
+the old one has finished (drained; `drain_s`, default 600), so the caller can stop the old engine without a failed
+request (ftx.serving.start's `swap`, `ftx serve` on SIGHUP).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -32,49 +38,65 @@ def _error(status: int, message: str, type_: str, code: str):
     return JSONResponse({"error": {"message": message, "type": type_, "param": None, "code": code}}, status_code=status)
 
 
+class _Upstream:
+    """One engine behind the gateway: its address and key, its model names, the session to it, and the requests
+    running on it (for draining it on a swap)."""
+
+    def __init__(self, cfg: dict, key: str):
+        self.url = cfg["upstream"]
+        self.auth = {"Authorization": f"Bearer {cfg.get('upstream_key') or key}"}
+        self.model, self.adapters = cfg.get("model"), cfg.get("adapters") or []
+        self.names = [self.model, *self.adapters]
+        self.inflight = 0
+        self._session = None
+
+    def session(self):
+        import aiohttp
+
+        # aiohttp for the engine side: its C HTTP parser costs a fraction of httpx's pure-Python h11 per streamed
+        # chunk, and on a CPU box every cycle the gateway spends is taken from the engine (bench/serve_overhead.py).
+        # No keep-alive to llama-server: its HTTP server closes idle/used-up connections on its own schedule, and a
+        # request sent on a connection it is closing fails (2 errors in 144 requests here before this); a fresh
+        # loopback connection per request costs well under a millisecond.
+        if self._session is None:  # created inside the running loop
+            self._session = aiohttp.ClientSession(
+                self.url,
+                connector=aiohttp.TCPConnector(limit=0, force_close=True),
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=10),
+                auto_decompress=False,
+            )
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+
 def make_app(cfg: dict):
     """cfg: upstream (http://127.0.0.1:PORT), upstream_key, api_key, mode (rewrite | passthrough; the engine's
     declaration), model (base name) and adapters (names in llama-server's adapter id order; rewrite only), host,
     port."""
     import aiohttp
     from starlette.applications import Starlette
-    from starlette.background import BackgroundTask
     from starlette.responses import JSONResponse, Response, StreamingResponse
     from starlette.routing import Route
 
-    upstream, passthrough = cfg["upstream"], cfg.get("mode", "rewrite") == "passthrough"
-    model, adapters = cfg.get("model"), cfg.get("adapters") or []
-    names = [model, *adapters]
+    passthrough = cfg.get("mode", "rewrite") == "passthrough"
     key = cfg.get("api_key") or os.environ.get("FTX_API_KEY")
     if not key:
         raise SystemExit("ftx gateway: no API key (config api_key or $FTX_API_KEY)")
     want = f"Bearer {key}".encode()
-    auth = {"Authorization": f"Bearer {cfg.get('upstream_key') or key}"}
-    # aiohttp for the engine side: its C HTTP parser costs a fraction of httpx's pure-Python h11 per streamed
-    # chunk, and on a CPU box every cycle the gateway spends is taken from the engine (bench/serve_overhead.py).
-    # No keep-alive to llama-server: its HTTP server closes idle/used-up connections on its own schedule, and a
-    # request sent on a connection it is closing fails (2 errors in 144 requests here before this); a fresh
-    # loopback connection per request costs well under a millisecond.
-    state: dict = {}
-
-    def session() -> aiohttp.ClientSession:
-        if "session" not in state:  # created inside the running loop
-            state["session"] = aiohttp.ClientSession(
-                upstream,
-                connector=aiohttp.TCPConnector(limit=0, force_close=True),
-                timeout=aiohttp.ClientTimeout(total=None, sock_connect=10),
-                auto_decompress=False,
-            )
-        return state["session"]
+    state = {"up": _Upstream(cfg, key)}
 
     def authorized(request) -> bool:
         got = request.headers.get("authorization", "").encode()
         return secrets.compare_digest(got, want)
 
-    async def forward(request, body: bytes | None):
-        headers = {**auth, "Content-Type": request.headers.get("content-type", "application/json")}
+    async def forward(request, body: bytes | None, up: _Upstream):
+        headers = {**up.auth, "Content-Type": request.headers.get("content-type", "application/json")}
+        up.inflight += 1
         try:
-            r = await session().request(
+            r = await up.session().request(
                 request.method,
                 request.url.path,
                 params=list(request.query_params.multi_items()),
@@ -82,17 +104,26 @@ def make_app(cfg: dict):
                 headers=headers,
             )
         except (aiohttp.ClientError, OSError) as e:
+            up.inflight -= 1
             return _error(502, f"engine not reachable: {type(e).__name__}", "server_error", "engine_unavailable")
+
+        async def stream():
+            try:
+                async for chunk in r.content.iter_any():
+                    yield chunk
+            finally:  # also when the client goes away mid-stream
+                r.release()
+                up.inflight -= 1
+
         return StreamingResponse(
-            r.content.iter_any(),
+            stream(),
             status_code=r.status,
-            background=BackgroundTask(r.release),
             headers={k: v for k, v in r.headers.items() if k.lower() in ("content-type", "cache-control")},
         )
 
     async def health(request):
         try:
-            async with session().get("/health") as r:
+            async with state["up"].session().get("/health") as r:
                 content, status = await r.read(), r.status
         except (aiohttp.ClientError, OSError) as e:  # the engine is down or still starting: not ready, not a crash
             return _error(503, f"engine not reachable: {type(e).__name__}", "server_error", "engine_unavailable")
@@ -101,8 +132,10 @@ def make_app(cfg: dict):
     async def models(request):
         if not authorized(request):
             return _error(401, "Invalid API key", "authentication_error", "invalid_api_key")
+        up = state["up"]
         data = [
-            {"id": n, "object": "model", "owned_by": "ftx", **({"parent": model} if n != model else {})} for n in names
+            {"id": n, "object": "model", "owned_by": "ftx", **({"parent": up.model} if n != up.model else {})}
+            for n in up.names
         ]
         return JSONResponse({"object": "list", "data": data})
 
@@ -113,25 +146,40 @@ def make_app(cfg: dict):
             body = json.loads(await request.body())
         except json.JSONDecodeError as e:
             return _error(400, f"request body is not JSON: {e}", "invalid_request_error", "invalid_json")
-        name = body.get("model") or model
-        if name not in names:
+        up = state["up"]
+        name = body.get("model") or up.model
+        if name not in up.names:
             return _error(
                 404,
-                f"The model `{name}` does not exist. Models: {', '.join(names)}",
+                f"The model `{name}` does not exist. Models: {', '.join(up.names)}",
                 "invalid_request_error",
                 "model_not_found",
             )
-        body["model"] = model
-        if adapters:
-            body["lora"] = [{"id": i, "scale": 1.0 if a == name else 0.0} for i, a in enumerate(adapters)]
-        return await forward(request, json.dumps(body).encode())
+        body["model"] = up.model
+        if up.adapters:
+            body["lora"] = [{"id": i, "scale": 1.0 if a == name else 0.0} for i, a in enumerate(up.adapters)]
+        return await forward(request, json.dumps(body).encode(), up)
 
     async def other(request):
         if not authorized(request):
             return _error(401, "Invalid API key", "authentication_error", "invalid_api_key")
-        return await forward(request, await request.body())
+        return await forward(request, await request.body(), state["up"])
 
-    routes = [Route("/health", health)]
+    async def swap(request):
+        if not authorized(request):
+            return _error(401, "Invalid API key", "authentication_error", "invalid_api_key")
+        new = json.loads(await request.body())
+        old = state["up"]
+        state["up"] = _Upstream(new, key)  # every request from now on goes to the new engine
+        deadline = asyncio.get_running_loop().time() + float(new.get("drain_s", 600))
+        while old.inflight and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
+        left = old.inflight
+        if not left:
+            await old.close()
+        return JSONResponse({"drained": not left, "inflight": left, "models": state["up"].names})
+
+    routes = [Route("/health", health), Route("/ftx/upstream", swap, methods=["POST"])]
     if not passthrough:
         routes += [
             Route("/v1/models", models),
@@ -143,8 +191,7 @@ def make_app(cfg: dict):
     @contextlib.asynccontextmanager
     async def lifespan(app):
         yield
-        if "session" in state:
-            await state["session"].close()
+        await state["up"].close()
 
     return Starlette(routes=routes, lifespan=lifespan)
 

@@ -149,76 +149,134 @@ def start(
 ) -> Iterator[Endpoint]:
     """Serve `model` (a GGUF or an HF directory, as the engine serves) as model `name`, with `adapters` (default:
     settings.adapters) as more model names, behind the gateway; `raw`: the engine alone on settings.host:port
-    (the template proof, benchmark baselines)."""
+    (the template proof, benchmark baselines). Behind the gateway the endpoint's `swap(model, adapters)` replaces
+    the engine while serving: a new engine process is started and checked healthy, the gateway sends new
+    requests to it and waits for the old engine's running requests to finish, then the old engine is stopped."""
     t0 = time.perf_counter()
     engine = ENGINES[settings.engine]
-    checked = engine.check_adapters(settings.adapters if adapters is None else adapters, model)
-    if name in checked:
-        raise FtxError(f"adapter name {name!r} is the base model's served name")
     port, inner_host, inner_port = endpoint_ports(settings.host, settings.port, raw)
     key = api_key(settings.api_key)
-    inner_key = key if raw else secrets.token_hex(16)
     section = getattr(settings, engine.name)
-    cmd = engine.command(section, model, name, checked, inner_host, inner_port, inner_key) + list(extra_args)
-    with launch(
-        cmd,
-        inner_host,
-        inner_port,
-        inner_key,
-        name,
-        log,
-        settings.startup_timeout_s or engine.startup_timeout_s,
-        engine.label,
-        env=engine.env(section),
-        on_wait=on_wait,
-    ) as ep:
-        if raw:
+
+    @contextlib.contextmanager
+    def run_engine(model: Path, adapters: dict[str, Path], host: str, port: int, log: Path):
+        checked = engine.check_adapters(adapters, model)
+        if name in checked:
+            raise FtxError(f"adapter name {name!r} is the base model's served name")
+        inner_key = key if raw else secrets.token_hex(16)
+        cmd = engine.command(section, model, name, checked, host, port, inner_key) + list(extra_args)
+        timeout = settings.startup_timeout_s or engine.startup_timeout_s
+        with launch(
+            cmd, host, port, inner_key, name, log, timeout, engine.label, env=engine.env(section), on_wait=on_wait
+        ) as ep:
+            ep.info["adapters"] = list(checked)
             yield ep
-            return
-        with gateway(
-            ep, engine.gateway, settings.host, port, key, log, list(checked) if engine.gateway == "rewrite" else []
-        ) as gw:
-            gw.startup_s = time.perf_counter() - t0
-            yield gw
+
+    first = settings.adapters if adapters is None else adapters
+    if raw:
+        with run_engine(model, first, inner_host, inner_port, log) as ep:
+            yield ep
+        return
+    current = contextlib.ExitStack()
+    with contextlib.ExitStack() as outer:
+        outer.callback(lambda: current.close())  # whichever engine serves at the end (after the gateway stops)
+        ep = current.enter_context(run_engine(model, first, inner_host, inner_port, log))
+        names = ep.info["adapters"] if engine.gateway == "rewrite" else []
+        gw = outer.enter_context(gateway(ep, engine.gateway, settings.host, port, key, log, names))
+        swaps = {"n": 0}
+
+        def swap(new_model: Path, new_adapters: dict[str, Path], drain_s: float = 600) -> dict:
+            nonlocal current
+            swaps["n"] += 1
+            nxt = contextlib.ExitStack()
+            try:
+                new_log = log.with_name(f"{log.name}.swap-{swaps['n']}")
+                nep = nxt.enter_context(
+                    run_engine(new_model, new_adapters, "127.0.0.1", free_port("127.0.0.1"), new_log)
+                )
+                body = {
+                    "upstream": nep.base_url.removesuffix("/v1"),
+                    "upstream_key": nep.api_key,
+                    "model": name,
+                    "adapters": nep.info["adapters"] if engine.gateway == "rewrite" else [],
+                    "drain_s": drain_s,
+                }
+                result = _post(f"{gw.base_url.removesuffix('/v1')}/ftx/upstream", key, body, drain_s + 30)
+            except BaseException:
+                nxt.close()
+                raise
+            old, current = current, nxt
+            gw.engine = nep.process
+            old.close()  # drained (or past drain_s: then its last requests are cut off, and the result says so)
+            return result
+
+        gw.swap = swap
+        gw.startup_s = time.perf_counter() - t0
+        yield gw
 
 
-def serve_forever(server, what: str, engine: str, log: Path, show_key: bool) -> None:
+def _post(url: str, key: str, body: dict, timeout: float) -> dict:
+    import urllib.request
+
+    req = urllib.request.Request(
+        url,
+        data=json.dumps(body).encode(),
+        headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
+        method="POST",
+    )
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        return json.loads(r.read())
+
+
+def serve_forever(server, what: str, engine: str, log: Path, show_key: bool, reload=None) -> None:
     """`ftx serve`: enter `server` (a context manager yielding an Endpoint, e.g. `start(...)`), serve until Ctrl-C /
-    SIGTERM, then shut the engine and the gateway down cleanly."""
+    SIGTERM, then shut the engine and the gateway down cleanly. `reload()` -> (model, adapters): on SIGHUP the
+    engine is swapped for one serving those (Endpoint.swap: no request fails)."""
     from rich.console import Console
 
     console = Console(stderr=True)
     with contextlib.ExitStack() as stack:
         with console.status(f"loading {what} into {engine} ..."):
             ep = stack.enter_context(server)
-        hold(ep, what, log, console, show_key)
+        hold(ep, what, log, console, show_key, reload)
     console.print(f"{engine} stopped")
 
 
-def hold(ep: Endpoint, what: str, log: Path, console, show_key: bool) -> None:
+def hold(ep: Endpoint, what: str, log: Path, console, show_key: bool, reload=None) -> None:
     """Print how to reach a running endpoint (its key when ftx generated it), then wait until Ctrl-C / SIGTERM or
-    until a process behind it dies (an error naming the log)."""
-    stopping = {"flag": False}
+    until a process behind it dies (an error naming the log); on SIGHUP, swap the engine for what `reload()` says
+    (a failed reload is reported and the running engine keeps serving)."""
+    flags = {"stop": False, "reload": False}
 
     def on_signal(signum, frame):
-        stopping["flag"] = True
+        flags["stop" if signum == signal.SIGTERM else "reload"] = True
 
-    previous = signal.signal(signal.SIGTERM, on_signal)
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
         console.print(f"[green]ready[/] {ep.base_url}  model={ep.model}  serving {what}  (log: {log})")
         if show_key:
             console.print(f"api key (generated): {ep.api_key}")
         print(json.dumps({"base_url": ep.base_url, "model": ep.model}), flush=True)
-        procs = [p for p in (ep.process, ep.engine) if p is not None]
-        while not stopping["flag"] and all(p.poll() is None for p in procs):
-            time.sleep(0.5)
-        dead = next((p for p in procs if p.poll() is not None), None)
-        if dead is not None and not stopping["flag"]:
+        while not flags["stop"] and all(p.poll() is None for p in (ep.process, ep.engine) if p is not None):
+            if flags["reload"] and reload and ep.swap:
+                flags["reload"] = False
+                try:
+                    model, adapters = reload()
+                    with console.status(f"SIGHUP: starting {Path(model).name} with {len(adapters)} adapters ..."):
+                        result = ep.swap(model, adapters)
+                    console.print(f"[green]reloaded[/] models {', '.join(result['models'])} (old engine drained)")
+                    print(json.dumps({"reloaded": result["models"]}), flush=True)
+                except (FtxError, OSError, ValueError) as e:
+                    console.print(f"[red]reload failed, still serving the previous engine:[/] {e}")
+            time.sleep(0.25)
+        dead = next((p for p in (ep.process, ep.engine) if p is not None and p.poll() is not None), None)
+        if dead is not None and not flags["stop"]:
             raise FtxError(f"the server exited with code {dead.returncode}: {tail(log)}")
     except KeyboardInterrupt:
         pass
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def chat(endpoint: Endpoint, messages: list[dict], max_tokens: int = 64, model: str | None = None) -> str:

@@ -46,25 +46,38 @@ def serve():
 @options(ServeSpec, ALIASES)
 def serve_run(args, **params):
     """Serve until Ctrl-C: a GGUF on llama-server, or a base model with LoRA adapters on vLLM, from a serve config
-    (serve/*.yaml; paths relative to it), key=value overrides and flags (paths relative to here)."""
+    (serve/*.yaml; paths relative to it), key=value overrides and flags (paths relative to here). On SIGHUP the
+    config is read again and a new engine with its model and adapters replaces the running one without a failed
+    request (started, then the gateway switches and drains the old one)."""
     from .. import deploy, serving
     from ..core import basemodel
     from ..engines import ENGINES
 
-    spec = deploy.local(load(ServeSpec, args, ALIASES, params, "serve config", resolve=False))
+    def read():
+        spec = deploy.local(load(ServeSpec, args, ALIASES, params, "serve config", resolve=False))
+        if ENGINES[spec.engine].serves == "gguf":
+            from ..core.gguf import check_gguf
+
+            check_gguf(spec.gguf)  # a broken file: one line now, not an engine failing to load it
+            return spec, spec.gguf
+        return spec, basemodel.resolve(spec.base_model)
+
+    spec, model = read()
     engine = ENGINES[spec.engine]
     if engine.serves == "gguf":
-        from ..core.gguf import check_gguf
-
-        check_gguf(spec.gguf)  # a broken file: one line now, not an engine failing to load it
-        model, name = spec.gguf, spec.name or _gguf_name(spec.gguf)
-        what = model.name
+        name, what = spec.name or _gguf_name(spec.gguf), model.name
     else:
-        model = basemodel.resolve(spec.base_model)
         name, what = spec.name or Path(model).name, f"{spec.base_model} + {len(spec.adapters)} adapters"
     log = spec.log or Path(f"{name}.server.log").absolute()
     show_key = not (spec.api_key or os.environ.get("FTX_API_KEY"))
-    serving.serve_forever(serving.start(spec, model, name, log), what, engine.label, log, show_key)
+
+    def reload():  # SIGHUP: the config file read again (same flags), its model and adapters swapped in
+        new, new_model = read()
+        if new.engine != spec.engine:
+            raise ValueError(f"the engine cannot change on reload ({spec.engine} -> {new.engine}): restart instead")
+        return new_model, new.adapters
+
+    serving.serve_forever(serving.start(spec, model, name, log), what, engine.label, log, show_key, reload)
 
 
 def _gguf_name(gguf: Path) -> str:

@@ -30,6 +30,8 @@ class Endpoint:
     engine: subprocess.Popen | None = None  # behind a gateway: the engine process
     startup_s: float = 0.0
     info: dict = field(default_factory=dict)  # what the endpoint serves, for reports
+    # behind a gateway: swap(model, adapters) replaces the engine while serving (ftx.serving.start)
+    swap: object | None = None
 
 
 def free_port(host: str) -> int:
