@@ -3,6 +3,8 @@ quant ladder and its quality gate (every figure recomputed from raw llama.cpp lo
 the proven Modelfile; an importance-matrix export and a gate nothing passes, both from the cache."""
 
 import json
+import math
+import re
 import subprocess
 
 import numpy as np
@@ -185,9 +187,14 @@ def test_every_artifact_stops_on_the_stop_set_and_a_foreign_end_token_is_caught(
 
 
 def test_imatrix_quantization_uses_the_training_conversations(quickstart_run):
+    """The importance matrix of the training conversations, used by the ladder and by a quant search to a size
+    budget (export.target: one type per tensor kind here, scored on 256 training tokens, to keep it short)."""
+    from ftx.core import gguf
+
     run_dir, manifest = ftx_run(
         quickstart_run["out"],
         "export.gguf.imatrix=true",
+        "export.target={max_bits_per_weight: 5.5, blocks: 1, search_tokens: 256, refine_evals: 2}",
         "export.gguf.imatrix_chunks=16",
         "export.eval_tokens=1024",
         "export.modelfile=null",
@@ -204,11 +211,40 @@ def test_imatrix_quantization_uses_the_training_conversations(quickstart_run):
         ex["extras"]["imatrix"] == "imatrix.gguf"
         and (run_dir / "stages" / "export" / "imatrix.gguf").stat().st_size > 0
     )
-    assert ex["gate"] is None and ex["selected"] == "q4_k_m" and ex["files"][1]["passed"] is None
+    # no gate: every variant stays; the one searched to the user's budget is the one served
+    assert ex["gate"] is None and [f["name"] for f in ex["files"]] == ["f16", "q4_k_m", "target"]
+    assert ex["selected"] == "target" and ex["files"][1]["passed"] is None
     # the importance matrix changes the quantized weights
     plain, weighted = quickstart_run["dir"] / "model-q4_k_m.gguf", run_dir / "model-q4_k_m.gguf"
     assert plain.stat().st_size > 0 and plain.read_bytes() != weighted.read_bytes()
-    assert "calibration" not in " ".join(p.name for p in (run_dir / "stages" / "export").iterdir())  # scratch removed
+    names = " ".join(p.name for p in (run_dir / "stages" / "export").iterdir())
+    assert "calibration" not in names and "candidate" not in names  # scratch removed
+    # the searched file: within its budget (5.5 bits per weight of tensor data, plus the metadata); one type per
+    # tensor kind (blocks: 1), measured at two types each; its every tensor's type in the overrides file
+    s, target = ex["search"], run_dir / "model-target.gguf"
+    tensors = gguf.read_header(target).tensors
+    weights = sum(math.prod(dims) for _, dims, _, _ in tensors)
+    kinds = {"token_embd", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"}
+    assert target.stat().st_size == s["size_bytes"] <= s["budget_bytes"] and set(s["types"]) == kinds
+    assert s["budget_bytes"] > int(5.5 * weights / 8) and s["size_bytes"] > 0.9 * s["budget_bytes"]  # spent
+    assert s["evaluations"] == 1 + 2 * 8 + len(s["tried"]) + len(s["refine"]) and len(s["refine"]) <= 2
+    # llama.cpp's largest mixture within 5.5 bpw here, as it is and with its types per group
+    assert [t["name"] for t in s["tried"]][:2] == ["allocation", "Q4_0"]
+    assert all(k[0] > 0 and k[2] > 0 and k[-1] is None for k in s["sensitivity"].values())
+    best = min(t["mean_kld"] for t in s["tried"] if t["size_bytes"] <= s["budget_bytes"])
+    assert s["mean_kld"] <= best and (s["kept"] == "refined") == (s["mean_kld"] < best)
+    kept_steps = [r["mean_kld"] for r in s["refine"] if r["kept"]]
+    assert kept_steps == sorted(kept_steps, reverse=True)  # a step is kept only if it measured better
+    if s["kept"] != "Q4_0":  # a per-group candidate: each tensor has its group's type
+        for name, dims, qtype, _ in tensors:
+            m = re.fullmatch(r"(?:blk\.\d+\.)?(\w+)\.weight", name)
+            if len(dims) > 1:
+                assert qtype == s["types"][m.group(1)].lower(), (name, qtype)
+    lines = (run_dir / s["overrides_file"]).read_text().splitlines()
+    assert lines == [f"^{re.escape(n)}$={t}" for n, dims, t, _ in tensors if len(dims) > 1]
+    card = (run_dir / "run_card.md").read_text()
+    assert "Quant search to the size budget (export.target)" in card and f"Kept: **{s['kept']}**" in card
+    assert f"| ffn_down | {s['types']['ffn_down']} |" in card
 
 
 def test_quality_gate_that_nothing_passes_fails_the_export_cleanly(quickstart_run):

@@ -23,8 +23,9 @@ _STRING, _ARRAY = 8, 9
 class Header:
     """What a GGUF's header says: its metadata (arrays only when asked for) and where its tensor data ends."""
 
-    def __init__(self, fields: dict, data_end: int, size: int):
+    def __init__(self, fields: dict, data_end: int, size: int, tensors: list | None = None):
         self.fields, self.data_end, self.size = fields, data_end, size
+        self.tensors = tensors or []  # (name, dims, ggml type name, bytes) per tensor, in file order
 
 
 def read_header(path: Path, arrays: tuple[str, ...] = ()) -> Header:
@@ -84,19 +85,21 @@ def read_header(path: Path, arrays: tuple[str, ...] = ()) -> Header:
         for _ in range(n_kv):
             key = string()
             fields[key] = value(take("I"), keep=key in arrays)
-        end = 0
+        end, tensors = 0, []
         for _ in range(n_tensors):
-            string()  # the tensor's name
+            name = string()
             dims = [take("Q") for _ in range(take("I"))]
-            block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(take("I"))]
+            qtype = GGMLQuantizationType(take("I"))
+            block, type_size = GGML_QUANT_SIZES[qtype]
             offset = take("Q")
             n = 1
             for d in dims:
                 n *= d
             end = max(end, offset + n // block * type_size)
+            tensors.append((name, dims, qtype.name.lower(), n // block * type_size))
         align = fields.get("general.alignment") or 32
         data_start = (pos + align - 1) // align * align
-        return Header(fields, data_start + end, len(m))
+        return Header(fields, data_start + end, len(m), tensors)
 
 
 def check_gguf(path: Path) -> Header:

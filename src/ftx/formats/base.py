@@ -57,6 +57,13 @@ class Format:
         """What the artifact itself says about how to use it: its end tokens and chat template, when it says."""
         return {}
 
+    def search(self, settings, target, reference: Path, out: Path, calibration, score, progress):
+        """A variant searched to a size budget (`target`: ftx.formats.search.Target): returns (name, file,
+        report). `score(file)`: its mean KLD vs the reference on the search text; `progress(text)`: status."""
+        from ..core.errors import FtxError
+
+        raise FtxError(f"export.target: the {self.name} format has no size-targeted quant search")
+
     def extras(self, settings, out: Path) -> dict:
         """Facts for the result beyond the files (e.g. the importance matrix used)."""
         return {}

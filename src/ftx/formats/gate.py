@@ -174,9 +174,10 @@ def compare(logprobs: Iterable, ref: Path, reference: dict) -> dict[str, float]:
     }
 
 
-def select(files: list, gate: QualityGate | None, reference: str) -> str:
+def select(files: list, gate: QualityGate | None, reference: str, prefer: str | None = None) -> str:
     """The smallest variant within the gate (the smallest variant without a gate); the reference when there are
-    no variants. Nothing within the gate: one error with the whole table."""
+    no variants; `prefer` (the variant searched to the user's size budget) when it is within the gate. Nothing
+    within the gate: one error with the whole table."""
     variants = sorted([f for f in files if f.name != reference], key=lambda f: f.size_bytes)
     ok = [f for f in variants if f.passed is not False]
     if variants and not ok:
@@ -191,4 +192,6 @@ def select(files: list, gate: QualityGate | None, reference: str) -> str:
             f"and export.termination: {table}; "
             "relax the budgets or add larger quants"
         )
+    if prefer in {f.name for f in ok}:
+        return prefer
     return ok[0].name if ok else reference

@@ -8,7 +8,9 @@ this text reported Q8_0 at PPL ratio 1.197 where the two PPLs differ by 0.7%).""
 from __future__ import annotations
 
 import os
+import re
 import shutil
+from collections import Counter
 from pathlib import Path
 from typing import Literal
 
@@ -69,6 +71,91 @@ def check_disk(settings: GgufSettings, model_dir: Path, out: Path) -> None:
         )
 
 
+# the types a searched tensor group may take, smallest first: llama.cpp's K-quants need rows that are a multiple
+# of 256 wide (576-wide SmolLM2 rows are not), the older types a multiple of 32
+SEARCH_TYPES = {256: ["q3_K", "q4_K", "q5_K", "q6_K", "q8_0"], 32: ["q4_0", "q4_1", "q5_0", "q5_1", "q8_0"]}
+
+
+def search_units(reference: Path, blocks: int):
+    """The GGUF cut into search units: each 2-D tensor kind of the layers (attn_q, ffn_down, ...) over `blocks`
+    blocks of consecutive layers, and token_embd / output on their own; with each unit's regex for llama-quantize
+    and its size at every type it may take. Returns (units, patterns, fixed bytes, weights, overhead): fixed bytes
+    are the metadata (overhead) and the tensors the search leaves alone (norms, kept at the reference's type)."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    from .search import Unit
+
+    header = gguf.read_header(reference)
+    layers = 1 + max((int(m.group(1)) for t in header.tensors if (m := re.match(r"blk\.(\d+)\.", t[0]))), default=0)
+    members: dict[str, list] = {}
+    overhead = header.size - sum(t[3] for t in header.tensors)
+    fixed, weights = overhead, 0
+    for name, dims, _, nbytes in header.tensors:
+        n = 1
+        for d in dims:
+            n *= d
+        weights += n
+        m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.weight", name)
+        if len(dims) < 2 or not (m or name in ("token_embd.weight", "output.weight")):
+            fixed += nbytes
+            continue
+        if m:
+            b = int(m.group(1)) * blocks // layers
+            lo, hi = -(-b * layers // blocks), -(-(b + 1) * layers // blocks) - 1
+            unit = f"{m.group(2)}[{lo}-{hi}]" if blocks > 1 else m.group(2)
+        else:
+            unit = name.removesuffix(".weight")
+        members.setdefault(unit, []).append((name, dims[0], n))
+    units, patterns = [], {}
+    for unit, tensors in members.items():
+        width = 256 if all(cols % 256 == 0 for _, cols, _ in tensors) else 32
+        options = []
+        for t in SEARCH_TYPES[width]:
+            block, size = GGML_QUANT_SIZES[GGMLQuantizationType[t.upper()]]
+            options.append((t, sum(n // block * size for _, _, n in tensors), 8 * size / block))
+        units.append(Unit(unit, options))
+        patterns[unit] = "^(" + "|".join(re.escape(name) for name, _, _ in tensors) + ")$"
+    return units, patterns, fixed, weights, overhead
+
+
+# llama.cpp's standard mixtures, largest first: the search keeps the largest that fits when it measures better
+PRESETS = ["Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q4_K_M", "Q4_K_S", "Q4_0"]
+
+
+def preset_bytes(reference: Path, ftype: str) -> int:
+    """Tensor-data bytes of a standard mixture (llama-quantize --dry-run, which writes nothing)."""
+    text = gguf.run_tool("llama-quantize", ["--dry-run", reference, ftype], Path(os.devnull))
+    mib = re.search(r"quant size\s*=\s*([\d.]+) MiB", text)
+    if not mib:
+        raise FtxError(f"llama-quantize --dry-run {ftype}: no size in its output")
+    return int(float(mib.group(1)) * 2**20)
+
+
+def unit_types(path: Path, units, patterns: dict[str, str]) -> dict[str, str]:
+    """A built GGUF's type per search unit: the most common among the unit's tensors, as one of the unit's options
+    (the nearest in bits per weight when the file's type is not among them)."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    tensors = gguf.read_header(path).tensors
+    out = {}
+    for u in units:
+        rx = re.compile(patterns[u.name])
+        found = Counter(t for name, _, t, _ in tensors if rx.match(name)).most_common(1)[0][0]
+        block, size = GGML_QUANT_SIZES[GGMLQuantizationType[found.upper()]]
+        out[u.name] = min(u.options, key=lambda o: abs(o[2] - 8 * size / block))[0]
+    return out
+
+
+def quantize_mix(src: Path, dst: Path, patterns: dict[str, str], types: dict[str, str], imatrix: Path | None) -> Path:
+    """llama-quantize with one type per unit (a --tensor-type-file of anchored regexes, written next to `dst`)."""
+    overrides = dst.parent / f"{dst.stem}.units.txt"
+    overrides.write_text("".join(f"{patterns[u]}={t}\n" for u, t in types.items()))
+    extra = ["--imatrix", imatrix] if imatrix else []
+    args = [*extra, "--tensor-type-file", overrides, src, dst, "Q8_0", os.cpu_count() or 1]
+    gguf.run_tool("llama-quantize", args, dst.parent / "tools.log")
+    return overrides
+
+
 def quantize(src: Path, dst: Path, quant: str, imatrix: Path | None = None) -> None:
     extra = ["--imatrix", imatrix] if imatrix else []
     gguf.run_tool(
@@ -96,18 +183,23 @@ class Gguf(Format):
         gguf.convert_hf(model_dir, dst, settings.outtype, name, metadata(name, lineage, base_model))
         return settings.outtype, dst
 
+    def _imatrix(self, settings: GgufSettings, reference: Path, out: Path, calibration: list[str] | None) -> Path:
+        """llama-imatrix on the training conversations (once per export: out/imatrix.gguf)."""
+        imatrix = out / "imatrix.gguf"
+        if imatrix.exists():
+            return imatrix
+        if not calibration:
+            raise FtxError("an importance matrix needs calibration text: the training split (run it from a recipe)")
+        calib = out / ".reference" / "calibration.txt"
+        calib.parent.mkdir(exist_ok=True)
+        calib.write_text("\n".join(calibration))
+        chunks = ["--chunks", settings.imatrix_chunks] if settings.imatrix_chunks else []
+        args = ["-m", reference, "-f", calib, "-o", imatrix, "-c", 128, *chunks, "-t", os.cpu_count() or 1]
+        gguf.run_tool("llama-imatrix", args, out / "tools.log")
+        return imatrix
+
     def variants(self, settings: GgufSettings, reference: Path, out: Path, calibration: list[str] | None):
-        imatrix = None
-        if settings.imatrix:
-            if not calibration:
-                raise FtxError("export.gguf.imatrix needs calibration text: the training split (run it from a recipe)")
-            calib = out / ".reference" / "calibration.txt"
-            calib.parent.mkdir(exist_ok=True)
-            calib.write_text("\n".join(calibration))
-            imatrix = out / "imatrix.gguf"
-            chunks = ["--chunks", settings.imatrix_chunks] if settings.imatrix_chunks else []
-            args = ["-m", reference, "-f", calib, "-o", imatrix, "-c", 128, *chunks, "-t", os.cpu_count() or 1]
-            gguf.run_tool("llama-imatrix", args, out / "tools.log")
+        imatrix = self._imatrix(settings, reference, out, calibration) if settings.imatrix else None
         for q in settings.quants:
             dst = out / f"model-{q}.gguf"
             quantize(reference, dst, q, imatrix)
@@ -130,5 +222,58 @@ class Gguf(Format):
             "chat_template": f.get("tokenizer.chat_template"),
         }
 
+    def search(self, settings: GgufSettings, target, reference: Path, out: Path, calibration, score, progress):
+        """Per-tensor-group quant types for the lowest KLD within `target` (ftx.formats.search), with the
+        importance matrix of the training conversations, against llama.cpp's own largest mixture that fits;
+        writes model-target.gguf and model-target.tensor-types.txt (every tensor's type, a --tensor-type-file
+        that rebuilds it)."""
+        from . import search
+
+        imatrix = self._imatrix(settings, reference, out, calibration)
+        units, patterns, fixed, weights, overhead = search_units(reference, target.blocks)
+        budget = target.budget(weights, overhead)
+        scratch = out / ".search"
+        scratch.mkdir(exist_ok=True)
+        candidate = scratch / "candidate.gguf"
+
+        def measure(types: dict[str, str]) -> tuple[float, int]:
+            quantize_mix(reference, candidate, patterns, types, imatrix)
+            return score(candidate), candidate.stat().st_size
+
+        def preset(ftype: str):
+            def build() -> tuple[float, int, dict[str, str]]:
+                gguf.run_tool("llama-quantize", ["--imatrix", imatrix, reference, candidate, ftype], scratch / "log")
+                return score(candidate), candidate.stat().st_size, unit_types(candidate, units, patterns)
+
+            return build
+
+        # the largest that fits (--dry-run prints MiB to 2 decimals: within 0.005 MiB it is built and measured)
+        fitting = [f for f in PRESETS if preset_bytes(reference, f) + overhead <= budget + 0.005 * 2**20][:1]
+        presets = {f: preset(f) for f in fitting}
+        result = search.search(units, fixed, budget, measure, progress, presets, target.refine_evals)
+        dst = out / "model-target.gguf"
+        if result.kept in PRESETS:  # llama.cpp's own mixture measured best
+            args = ["--imatrix", imatrix, reference, dst, result.kept, os.cpu_count() or 1]
+            gguf.run_tool("llama-quantize", args, out / "tools.log")
+        else:
+            quantize_mix(reference, dst, patterns, result.types, imatrix)
+        shutil.rmtree(scratch)
+        tensors = gguf.read_header(dst).tensors
+        overrides = out / "model-target.tensor-types.txt"
+        overrides.write_text("".join(f"^{re.escape(n)}$={t}\n" for n, dims, t, _ in tensors if len(dims) > 1))
+        return (
+            "target",
+            dst,
+            {
+                **result.model_dump(),
+                "size_bytes": dst.stat().st_size,
+                "overrides_file": overrides.name,
+                "imatrix": imatrix.name,
+                "tensor_types": dict(Counter(t[2] for t in tensors).most_common()),
+                "units": {u.name: [t for t, _, _ in u.options] for u in units},
+            },
+        )
+
     def extras(self, settings: GgufSettings, out: Path) -> dict:
-        return {"imatrix": "imatrix.gguf" if (out / "imatrix.gguf").exists() else None}
+        # the ladder's importance matrix (export.target's search computes and reports its own when the ladder has none)
+        return {"imatrix": "imatrix.gguf" if settings.imatrix and (out / "imatrix.gguf").exists() else None}

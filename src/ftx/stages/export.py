@@ -17,6 +17,7 @@ from ..core.config import InputDir, InputFile
 from ..core.errors import FtxError
 from ..formats import FORMATS
 from ..formats.gate import QualityGate
+from ..formats.search import Target
 from ..formats.termination import Termination, TerminationResult
 from ..packaging import STEPS, Job
 from ..stage import Artifact, Stage
@@ -38,6 +39,12 @@ class _ExportBase(BaseModel):
         "(ftx.formats.termination); null: no check",
     )
     check_tokens: int = Field(512, ge=16, description="validation tokens for the top-1 checks against HF")
+    target: Target | None = Field(
+        None,
+        description="also a variant named `target` searched to this size budget: one quant type per tensor group "
+        "for the lowest KLD (ftx.formats.search, with the training conversations' importance matrix); served "
+        "when it passes the gate",
+    )
 
     @model_validator(mode="after")
     def _task_budgets_need_answers(self):
@@ -55,7 +62,7 @@ class _ExportBase(BaseModel):
 
     def artifact_names(self) -> list[str]:
         fmt = FORMATS[self.format]
-        return fmt.artifact_names(getattr(self, fmt.name))
+        return fmt.artifact_names(getattr(self, fmt.name)) + (["target"] if self.target else [])
 
 
 def _step_validator(step):
@@ -141,6 +148,9 @@ class ExportResult(BaseModel):
         None,
         description="task metrics x artifact (the merged HF model, then every file) with 95% intervals and paired "
         "differences from the merged model, answers cut at eval.max_new_tokens",
+    )
+    search: dict | None = Field(
+        None, description="export.target: the searched variant's budget, per-group types, sensitivities, KLDs"
     )
     extras: dict = Field(default_factory=dict, description="format facts (GGUF: the importance matrix)")
     packaging: dict[str, dict] = Field(default_factory=dict, description="result of each packaging step that ran")
@@ -234,7 +244,7 @@ def export(
     scratch = out / ".reference"
     scratch.mkdir()
     with Progress() as progress:
-        task = progress.add_task("export", total=3 + len(fmt.artifact_names(settings)))
+        task = progress.add_task("export", total=3 + len(cfg.artifact_names()))
         progress.update(task, description="convert")
         ref_name, ref_path = fmt.reference(settings, model_dir, out, name, lineage, base_model)
         progress.advance(task)
@@ -257,7 +267,20 @@ def export(
                 f"{ref_path.name} agrees with the HF model on only {files[0].top1_agreement:.1%} of validation "
                 f"tokens (< export.min_top1_agreement {cfg.min_top1_agreement:.0%})"
             )
-        for vname, path in fmt.variants(settings, ref_path, out, calibration):
+        searched = None
+
+        def variants():
+            nonlocal searched
+            yield from fmt.variants(settings, ref_path, out, calibration)
+            if cfg.target:
+                if not calib_file:
+                    raise FtxError("export.target searches on the training conversations: run it from a recipe")
+                vname, path, searched = _search(
+                    fmt, settings, cfg.target, tok, calib_file, ref_path, out, calibration, progress, task
+                )
+                yield vname, path
+
+        for vname, path in variants():
             progress.update(task, description=f"KL divergence and top-1 vs HF: {vname}")
             metrics = gate.compare(top1.tee(fmt.logprobs(path, eval_seqs)), scratch / "ref.npy", reference)
             f = ExportFile(
@@ -290,7 +313,7 @@ def export(
         if term and f.clean_stop_rate < cfg.termination.min_clean_stop_rate:
             f.passed = False  # a quant that does not stop does not ship, whatever its KLD
     shutil.rmtree(scratch)
-    selected = gate.select(files, cfg.quality_gate, ref_name)
+    selected = gate.select(files, cfg.quality_gate, ref_name, prefer="target" if cfg.target else None)
     job = Job(
         cfg=cfg,
         out=out,
@@ -319,9 +342,30 @@ def export(
         lineage=lineage,
         termination=term,
         task_table=task_table,
+        search=searched,
         extras=fmt.extras(settings, out),
         packaging=packaging,
     )
+
+
+def _search(fmt, settings, target, tok, calib_file: Path, ref_path: Path, out: Path, calibration, progress, task):
+    """export.target: the format's search, scoring each candidate by its mean KLD from the reference on the first
+    `target.search_tokens` tokens of the training conversations (assistant tokens, as the gate scores)."""
+    from ..formats import gate
+
+    rows = eval_sequences(tok, [calib_file], target.search_tokens)
+    seqs = [r["input_ids"] for r in rows]
+    ref = out / ".reference" / "search.npy"
+    progress.update(task, description=f"quant search: reference log-probs ({sum(map(len, seqs))} training tokens)")
+    saved = gate.save_reference(fmt.logprobs(ref_path, seqs), seqs, ref, gate.Positions(rows))
+
+    def score(path: Path) -> float:
+        return gate.compare(fmt.logprobs(path, seqs), ref, saved)["mean_kld"]
+
+    name, path, report = fmt.search(
+        settings, target, ref_path, out, calibration, score, lambda what: progress.update(task, description=what)
+    )
+    return name, path, {**report, "search_tokens": sum(len(s) - 1 for s in seqs)}
 
 
 def _hf_answers(model_dir: Path, tok, prompts: list[list[dict]], max_new_tokens: int) -> list:
@@ -425,6 +469,8 @@ class Export(Stage):
 
     def artifacts(self, r: dict) -> list[Artifact]:
         arts = [Artifact(f["file"], f["file"]) for f in r["files"]]
+        if r.get("search"):  # the searched file's per-tensor overrides (llama-quantize --tensor-type-file)
+            arts.append(Artifact(r["search"]["overrides_file"], r["search"]["overrides_file"], copy=True))
         lora = r["packaging"].get("lora_adapter")
         if lora:
             arts += [
