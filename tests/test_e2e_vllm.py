@@ -49,7 +49,29 @@ def test_recipe_serve_stage_on_vllm_serves_the_unmerged_adapter(vllm_recipe, qui
     assert len(records) == 4 and {r["model"] for r in records} == {"quickstart"}
     assert all(r["error"] is None and r["output_tokens"] > 0 for r in records), records
     assert all(isinstance(r["cached_tokens"], int) for r in records)  # vLLM reports its prefix-cache hits
-    assert "## Served (vLLM, base" in (vllm_recipe["dir"] / "run_card.md").read_text()
+    assert "## Served (vLLM, base" in (card := (vllm_recipe["dir"] / "run_card.md").read_text())
+    # the adapter proof: vLLM (fp32 on CPU) with the adapter gives HF + PEFT's prompt log-probabilities; its base
+    # model alone does not
+    p = sv["adapter_proof"]
+    assert p["adapter"] == "quickstart" and p["tokens"] >= 256 and p["passed"]
+    assert p["top1_agreement"] >= 0.98 and p["max_abs_logprob_diff"] < 0.05, p
+    assert p["base_top1_agreement"] < p["top1_agreement"] - 0.05 and p["adapter_vs_base_mean_diff"] > 0.05, p
+    assert "Adapter proof on vLLM: `quickstart` served unmerged against HF + PEFT" in card
+
+
+def test_adapter_proof_fails_when_the_engine_answers_without_the_adapter(vllm_recipe, quickstart_run, base_dir):
+    """The same proof against the live server, with the adapter's name pointing at the base model (what an engine
+    that silently drops the adapter does): the run would fail with that reason."""
+    import copy
+
+    from ftx.core.errors import FtxError
+    from ftx.stages.serve import RecipeServe, adapter_proof
+
+    ep = copy.copy(vllm_recipe["endpoint"])
+    ep.model = ep.info["base"]
+    data = quickstart_run["dir"] / "stages" / "data"
+    with pytest.raises(FtxError, match="gives the base model's log-probabilities: the adapter is ignored"):
+        adapter_proof(RecipeServe(engine="vllm"), ep, base_dir, quickstart_run["dir"] / "adapter", data / "val.jsonl")
 
 
 def test_vllm_serves_two_adapters_each_matching_hf_peft(vllm_recipe, hf, heldout, base_dir):

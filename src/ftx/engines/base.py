@@ -31,3 +31,9 @@ class Engine:
     def env(self, settings) -> dict[str, str] | None:
         """The engine process's environment (None: ftx's own)."""
         return None
+
+    def prompt_logprobs(self, base_url: str, api_key: str, model: str, ids: list[int]):
+        """HF engines: for every position after the first of the token ids `ids`, the engine's log-probability of
+        the actual next token and its own top-1 token id, as two numpy arrays (what the adapter proof compares
+        with HF + PEFT). None: the engine cannot tell."""
+        return None

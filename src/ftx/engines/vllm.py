@@ -109,6 +109,19 @@ class Vllm(Engine):
             "VLLM_CACHE_ROOT": str(cache_root() / "vllm"),
         }
 
+    def prompt_logprobs(self, base_url: str, api_key: str, model: str, ids: list[int]):
+        """/v1/completions with the token ids as the prompt and vLLM's `prompt_logprobs: 1`: each position's
+        dict holds the actual token and vLLM's top-1 (rank 1)."""
+        import numpy as np
+
+        body = {"model": model, "prompt": ids, "max_tokens": 1, "temperature": 0, "prompt_logprobs": 1}
+        positions = _request(base_url, api_key, "POST", "/v1/completions", body)["choices"][0]["prompt_logprobs"]
+        actual, top = [], []
+        for tok, d in zip(ids[1:], positions[1:]):  # position 0 has no context
+            actual.append(d[str(tok)]["logprob"])
+            top.append(int(next(k for k, v in d.items() if v["rank"] == 1)))
+        return np.array(actual, dtype=np.float64), np.array(top)
+
 
 # ---- runtime adapter management against a running server ------------------------------------------------
 

@@ -186,11 +186,13 @@ def refine(
 ) -> tuple[dict[str, str], float, int, list[dict]]:
     """Measured local search from `start` (types, KLD, bytes): the move the curves predict saves the most KLD - one
     group a type up, paid for by one or two others a type down when the budget needs it - is built and measured;
-    kept if the file measures better, remembered as rejected otherwise; at most `evals` files. The measurements,
+    kept if the file measures better, remembered as rejected otherwise (and a group whose going up was rejected twice
+    waits for the next kept step); at most `evals` files. The measurements,
     not the additive model, decide: KLD from many quantized groups is not the sum of each group's alone."""
     names = {u.name: [t for t, _, _ in u.options] for u in units}
     types, kld, kept_bytes = dict(start[0]), start[1], start[2]
     rejected, steps = set(), []
+    tries: dict[str, int] = {}  # rejected moves per group going up since the last kept step: at most 2 each
 
     def size(ts: dict[str, str]) -> int:
         return fixed_bytes + sum(u.size(ts[u.name]) for u in units)
@@ -206,27 +208,29 @@ def refine(
         moves = []
         for u in units:
             up = step(u.name, types, +1)
-            if up is None:
+            if up is None or tries.get(u.name, 0) >= 2:
                 continue
             if size(up[0]) <= budget:
-                moves.append((up[1], up[0], f"{u.name} up"))
+                moves.append((up[1], up[0], f"{u.name} up", u.name))
                 continue
             for v in units:  # paid for by one or two other groups a type down
                 down = step(v.name, up[0], -1) if v.name != u.name else None
                 if not down:
                     continue
                 if size(down[0]) <= budget:
-                    moves.append((up[1] + down[1], down[0], f"{u.name} up, {v.name} down"))
+                    moves.append((up[1] + down[1], down[0], f"{u.name} up, {v.name} down", u.name))
                     continue
                 for w in units:
                     again = step(w.name, down[0], -1) if w.name not in (u.name, v.name) and w.name > v.name else None
                     if again and size(again[0]) <= budget:
-                        moves.append((up[1] + down[1] + again[1], again[0], f"{u.name} up, {v.name}+{w.name} down"))
+                        moves.append(
+                            (up[1] + down[1] + again[1], again[0], f"{u.name} up, {v.name}+{w.name} down", u.name)
+                        )
         # every move, not only those the additive model likes: the start may be that model's own optimum
         moves = [m for m in moves if tuple(sorted(m[1].items())) not in rejected]
         if not moves:
             break
-        gain, cand, what = max(moves, key=lambda m: m[0])
+        gain, cand, what, group = max(moves, key=lambda m: m[0])
         progress(f"quant search: refining ({evals} left): {what}")
         got, nbytes = measure(cand)
         evals -= 1
@@ -234,8 +238,10 @@ def refine(
         steps.append({"move": what, "mean_kld": got, "kept": better})
         if better:
             types, kld, kept_bytes = cand, got, nbytes
+            tries.clear()
         else:
             rejected.add(tuple(sorted(cand.items())))
+            tries[group] = tries.get(group, 0) + 1
     return types, kld, kept_bytes, steps
 
 
