@@ -99,6 +99,20 @@ def load(path: Path | None, overrides: tuple[str, ...] = ()):
     return config.load(path, ServeSpec, overrides, what="serve config", resolve=False)
 
 
+def served_model(spec) -> Path:
+    """What a serve config serves: its GGUF (checked now: a broken file is one line, not an engine failing to load
+    it) or its base model's HF directory."""
+    from .core import basemodel
+    from .engines import ENGINES
+
+    if ENGINES[spec.engine].serves == "gguf":
+        from .core.gguf import check_gguf
+
+        check_gguf(spec.gguf)
+        return spec.gguf
+    return basemodel.resolve(spec.base_model)
+
+
 def local(doc) -> ServeSpec:
     """The spec of a loaded config with its paths resolved relative to the file (the command line's relative to
     the working directory) and checked: the files must be here to serve them."""

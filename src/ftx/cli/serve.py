@@ -50,17 +50,11 @@ def serve_run(args, **params):
     config is read again and a new engine with its model and adapters replaces the running one without a failed
     request (started, then the gateway switches and drains the old one)."""
     from .. import deploy, serving
-    from ..core import basemodel
     from ..engines import ENGINES
 
     def read():
         spec = deploy.local(load(ServeSpec, args, ALIASES, params, "serve config", resolve=False))
-        if ENGINES[spec.engine].serves == "gguf":
-            from ..core.gguf import check_gguf
-
-            check_gguf(spec.gguf)  # a broken file: one line now, not an engine failing to load it
-            return spec, spec.gguf
-        return spec, basemodel.resolve(spec.base_model)
+        return spec, deploy.served_model(spec)
 
     spec, model = read()
     engine = ENGINES[spec.engine]

@@ -197,7 +197,8 @@ def adapter_proof(cfg: RecipeServe, ep, base_dir: Path, adapter_dir: Path, val_f
                 raise FtxError(f"serve.adapter_check: {engine.label} does not report prompt log-probabilities")
             rows[kind].append(got)
     hf_actual, hf_top = np.concatenate(hf_actual), np.concatenate(hf_top)
-    (a_lp, a_top), (b_lp, b_top) = ((np.concatenate([g[i] for g in rows[k]]) for i in (0, 1)) for k in rows)
+    a_lp, a_top = (np.concatenate([g[i] for g in rows["adapter"]]) for i in (0, 1))
+    b_lp, b_top = (np.concatenate([g[i] for g in rows["base"]]) for i in (0, 1))
     diff = np.abs(a_lp - hf_actual)
     proof = AdapterProof(
         adapter=ep.model,
