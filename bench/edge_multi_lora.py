@@ -38,13 +38,8 @@ def main() -> None:
     settings = serving.ServeSettings(engine="llamacpp", llamacpp={"parallel": args.concurrency, "ctx_size": 4096})
     tmp = Path(tempfile.mkdtemp())
 
-    def arm(ep, models):
-        def go() -> dict:  # fresh prompts every run: nothing is served from a prompt cache an earlier run filled
-            prompts = synthetic(128, cfg.requests + cfg.warmup, next(seeds), tok)
-            r = bench.measure(cfg, ep, prompts, models=models)
-            return {"tok_s": r.output_tokens_per_s, "p99_e2e_s": r.e2e_s["p99"], "errors": r.errors}
-
-        return go
+    def fresh() -> list[str]:  # fresh prompts every run: nothing is served from a prompt cache an earlier run filled
+        return synthetic(128, cfg.requests + cfg.warmup, next(seeds), tok)
 
     with (
         serving.start(settings, (run / "model-f16.gguf").resolve(), "merged", tmp / "merged.log", adapters={}) as m,
@@ -52,9 +47,9 @@ def main() -> None:
     ):
         runs = harness.ab_rounds(
             {
-                "merged f16": arm(m, None),
-                "LoRA x4 round robin": arm(lo, list(adapters)),
-                "LoRA, one adapter": arm(lo, ["lora0"]),
+                "merged f16": harness.endpoint_arm(cfg, m, fresh),
+                "LoRA x4 round robin": harness.endpoint_arm(cfg, lo, fresh, list(adapters)),
+                "LoRA, one adapter": harness.endpoint_arm(cfg, lo, fresh, ["lora0"]),
             },
             args.rounds,
             args.warmup,

@@ -54,6 +54,25 @@ def ab_rounds(arms: dict[str, Callable[[], dict]], rounds: int = 5, warmup: int 
     return out
 
 
+def endpoint_arm(cfg, ep, prompts, models: list[str] | None = None) -> Callable[[], dict]:
+    """A closed-loop `ftx bench` run against one endpoint as an arm (`cfg`: ftx.bench.BenchConfig): output tok/s,
+    total tok/s, P99 E2E seconds, errors. `prompts`: a list, or a function giving fresh prompts for every run;
+    `models`: model names the requests are spread over (default: the endpoint's)."""
+
+    def run() -> dict:
+        from ftx import bench
+
+        r = bench.measure(cfg, ep, prompts() if callable(prompts) else prompts, models=models)
+        return {
+            "tok_s": r.output_tokens_per_s,
+            "total_tok_s": r.targets[0]["levels"][0]["summary"]["total_tokens_per_s"],
+            "p99_e2e_s": r.e2e_s["p99"],
+            "errors": r.errors,
+        }
+
+    return run
+
+
 def per_round(runs: dict[str, list[dict]], metric: str, arm: str, baseline: str) -> list[float]:
     """arm / baseline of `metric`, round by round."""
     return [a[metric] / b[metric] for a, b in zip(runs[arm], runs[baseline])]

@@ -37,26 +37,16 @@ def main() -> None:
     settings = serving.ServeSettings(engine="vllm", vllm={"max_loras": 4})
     tmp = Path(tempfile.mkdtemp())
 
-    def arm(ep, models):
-        def go() -> dict:
-            r = bench.measure(cfg, ep, prompts, models=models)
-            s = r.targets[0]["levels"][0]["summary"]
-            return {
-                "tok_s": r.output_tokens_per_s,
-                "total_tok_s": s["total_tokens_per_s"],
-                "p99_e2e_s": r.e2e_s["p99"],
-                "errors": r.errors,
-            }
-
-        return go
-
     # one server at a time would double the 60-100 s startups per round; both stay up, loaded alternately
     with (
         serving.start(settings, run / "merged", "merged", tmp / "merged.log", adapters={}) as merged_ep,
         serving.start(settings, base_dir, "base", tmp / "lora.log", adapters=adapters) as lora_ep,
     ):
         runs = harness.ab_rounds(
-            {"merged model": arm(merged_ep, None), "multi-LoRA x4": arm(lora_ep, list(adapters))},
+            {
+                "merged model": harness.endpoint_arm(cfg, merged_ep, prompts),
+                "multi-LoRA x4": harness.endpoint_arm(cfg, lora_ep, prompts, list(adapters)),
+            },
             args.rounds,
             args.warmup,
         )

@@ -35,20 +35,20 @@ def main() -> None:
     settings = serving.ServeSettings(llamacpp={"parallel": 4, "ctx_size": 4096, "threads": args.threads})
     tmp = Path(tempfile.mkdtemp())
 
-    def arm(ep):
-        def run() -> dict:
-            r = bench.measure(cfg, ep, prompts)
-            return {"tok_s": r.output_tokens_per_s, "p99_e2e_s": r.e2e_s["p99"], "errors": r.errors}
-
-        return run
-
     with (
         serving.start(settings, gguf, "bench", tmp / "raw.log", raw=True) as raw,
         serving.start(settings, gguf, "bench", tmp / "gw.log") as gw,
     ):
         procs = {"gateway": psutil.Process(gw.process.pid), "engine": psutil.Process(gw.engine.pid)}
         cpu0 = {k: sum(p.cpu_times()[:2]) for k, p in procs.items()}
-        runs = harness.ab_rounds({"raw llama-server": arm(raw), "ftx gateway": arm(gw)}, args.rounds, args.warmup)
+        runs = harness.ab_rounds(
+            {
+                "raw llama-server": harness.endpoint_arm(cfg, raw, prompts),
+                "ftx gateway": harness.endpoint_arm(cfg, gw, prompts),
+            },
+            args.rounds,
+            args.warmup,
+        )
         cpu = {k: sum(p.cpu_times()[:2]) - cpu0[k] for k, p in procs.items()}
     med = harness.medians(runs, ("tok_s", "p99_e2e_s"))
     p99 = harness.summarize(harness.per_round(runs, "p99_e2e_s", "ftx gateway", "raw llama-server"), "<= 1.05")

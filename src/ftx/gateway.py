@@ -88,9 +88,15 @@ def make_app(cfg: dict):
     want = f"Bearer {key}".encode()
     state = {"up": _Upstream(cfg, key)}
 
-    def authorized(request) -> bool:
-        got = request.headers.get("authorization", "").encode()
-        return secrets.compare_digest(got, want)
+    def keyed(handler):
+        """The route needs the API key (every route but /health): OpenAI's 401 otherwise."""
+
+        async def route(request):
+            if not secrets.compare_digest(request.headers.get("authorization", "").encode(), want):
+                return _error(401, "Invalid API key", "authentication_error", "invalid_api_key")
+            return await handler(request)
+
+        return route
 
     async def forward(request, body: bytes | None, up: _Upstream):
         headers = {**up.auth, "Content-Type": request.headers.get("content-type", "application/json")}
@@ -129,9 +135,8 @@ def make_app(cfg: dict):
             return _error(503, f"engine not reachable: {type(e).__name__}", "server_error", "engine_unavailable")
         return Response(content, status_code=status, media_type="application/json")
 
+    @keyed
     async def models(request):
-        if not authorized(request):
-            return _error(401, "Invalid API key", "authentication_error", "invalid_api_key")
         up = state["up"]
         data = [
             {"id": n, "object": "model", "owned_by": "ftx", **({"parent": up.model} if n != up.model else {})}
@@ -139,9 +144,8 @@ def make_app(cfg: dict):
         ]
         return JSONResponse({"object": "list", "data": data})
 
+    @keyed
     async def generate(request):
-        if not authorized(request):
-            return _error(401, "Invalid API key", "authentication_error", "invalid_api_key")
         try:
             body = json.loads(await request.body())
         except json.JSONDecodeError as e:
@@ -160,14 +164,12 @@ def make_app(cfg: dict):
             body["lora"] = [{"id": i, "scale": 1.0 if a == name else 0.0} for i, a in enumerate(up.adapters)]
         return await forward(request, json.dumps(body).encode(), up)
 
+    @keyed
     async def other(request):
-        if not authorized(request):
-            return _error(401, "Invalid API key", "authentication_error", "invalid_api_key")
         return await forward(request, await request.body(), state["up"])
 
+    @keyed
     async def swap(request):
-        if not authorized(request):
-            return _error(401, "Invalid API key", "authentication_error", "invalid_api_key")
         new = json.loads(await request.body())
         old = state["up"]
         state["up"] = _Upstream(new, key)  # every request from now on goes to the new engine

@@ -25,11 +25,32 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field
+
 from .core.cache import atomic_write_text, sha256_file
+from .core.config import OutputDir
 from .core.errors import FtxError
 
 LOGLIKELIHOOD_TYPES = ("multiple_choice", "loglikelihood", "loglikelihood_rolling")
 LOCAL_DATASETS = ("json", "csv", "parquet", "text", "arrow")  # datasets' packaged builders: data_files, no hub
+
+
+class LmEvalJob(BaseModel):
+    """`ftx eval lm-eval`: lm-evaluation-harness tasks on a model in-process or on a served endpoint."""
+
+    model_config = ConfigDict(extra="forbid")
+    tasks: list[str] = Field(
+        min_length=1, description="lm-eval task names or task YAML files (ftx ships ftx_quickstart_gen, _mc)"
+    )
+    model: str = Field(
+        "smollm2-135m-instruct",
+        description="an HF directory or an ftx base model name (in-process), or the model name at the endpoint",
+    )
+    adapter: str | None = Field(None, description="a peft adapter directory over the model (in-process)")
+    endpoint: str | None = Field(None, description="an OpenAI-compatible base URL (generation tasks only)")
+    limit: int | None = Field(None, ge=1, description="the first N documents of each task")
+    batch_size: int = Field(8, ge=1, description="sequences per batch in-process, concurrent requests on an endpoint")
+    out: OutputDir = Field(OutputDir("lm-eval.json"), description="the results JSON (+ .samples.jsonl beside it)")
 
 
 def task_dir() -> Path:

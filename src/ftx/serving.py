@@ -25,7 +25,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, create_model
 
 from .core.config import NOT_KEYED, InputPath
 from .core.errors import FtxError
-from .core.procs import Endpoint, api_key, free_port, launch, port_in_use, tail
+from .core.procs import Endpoint, api_key, free_port, launch, port_in_use, request_json, tail
 from .engines import ENGINES
 
 
@@ -104,22 +104,23 @@ def endpoint_ports(host: str, port: int, raw: bool = False) -> tuple[int, str, i
     return (port, host, port) if raw else (port, "127.0.0.1", free_port("127.0.0.1"))
 
 
+def upstream(engine_ep: Endpoint, adapters: list[str] = ()) -> dict:
+    """The gateway's description of the engine behind it (its config at start, the body of a swap): address, key,
+    the base model's name and the adapter names it maps to llama-server ids (rewrite mode; none for passthrough)."""
+    return {
+        "upstream": engine_ep.base_url.removesuffix("/v1"),
+        "upstream_key": engine_ep.api_key,
+        "model": engine_ep.model,
+        "adapters": list(adapters),
+    }
+
+
 @contextlib.contextmanager
 def gateway(
     engine_ep: Endpoint, mode: str, host: str, port: int, key: str, log: Path, adapters: list[str] = ()
 ) -> Iterator[Endpoint]:
     """Start ftx.gateway on host:port in front of a running engine endpoint; yield the public endpoint."""
-    upstream = engine_ep.base_url.removesuffix("/v1")
-    gw = {
-        "upstream": upstream,
-        "upstream_key": engine_ep.api_key,
-        "api_key": key,
-        "mode": mode,
-        "model": engine_ep.model,
-        "adapters": list(adapters),
-        "host": host,
-        "port": port,
-    }
+    gw = {**upstream(engine_ep, adapters), "api_key": key, "mode": mode, "host": host, "port": port}
     env = {**os.environ, "FTX_GATEWAY": json.dumps(gw)}  # keys travel in the environment, not argv or a file
     with launch(
         [sys.executable, "-m", "ftx.gateway"],
@@ -169,7 +170,7 @@ def start(
         with launch(
             cmd, host, port, inner_key, name, log, timeout, engine.label, env=engine.env(section), on_wait=on_wait
         ) as ep:
-            ep.info["adapters"] = list(checked)
+            ep.info["adapters"] = list(checked) if engine.gateway == "rewrite" else []  # the names the gateway maps
             yield ep
 
     first = settings.adapters if adapters is None else adapters
@@ -181,8 +182,7 @@ def start(
     with contextlib.ExitStack() as outer:
         outer.callback(lambda: current.close())  # whichever engine serves at the end (after the gateway stops)
         ep = current.enter_context(run_engine(model, first, inner_host, inner_port, log))
-        names = ep.info["adapters"] if engine.gateway == "rewrite" else []
-        gw = outer.enter_context(gateway(ep, engine.gateway, settings.host, port, key, log, names))
+        gw = outer.enter_context(gateway(ep, engine.gateway, settings.host, port, key, log, ep.info["adapters"]))
         swaps = {"n": 0}
 
         def swap(new_model: Path, new_adapters: dict[str, Path], drain_s: float = 600) -> dict:
@@ -194,14 +194,8 @@ def start(
                 nep = nxt.enter_context(
                     run_engine(new_model, new_adapters, "127.0.0.1", free_port("127.0.0.1"), new_log)
                 )
-                body = {
-                    "upstream": nep.base_url.removesuffix("/v1"),
-                    "upstream_key": nep.api_key,
-                    "model": name,
-                    "adapters": nep.info["adapters"] if engine.gateway == "rewrite" else [],
-                    "drain_s": drain_s,
-                }
-                result = _post(f"{gw.base_url.removesuffix('/v1')}/ftx/upstream", key, body, drain_s + 30)
+                body = {**upstream(nep, nep.info["adapters"]), "drain_s": drain_s}
+                result = request_json(gw.base_url, key, "POST", "/ftx/upstream", body, timeout=drain_s + 30)
             except BaseException:
                 nxt.close()
                 raise
@@ -213,19 +207,6 @@ def start(
         gw.swap = swap
         gw.startup_s = time.perf_counter() - t0
         yield gw
-
-
-def _post(url: str, key: str, body: dict, timeout: float) -> dict:
-    import urllib.request
-
-    req = urllib.request.Request(
-        url,
-        data=json.dumps(body).encode(),
-        headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
-        method="POST",
-    )
-    with urllib.request.urlopen(req, timeout=timeout) as r:
-        return json.loads(r.read())
 
 
 def serve_forever(server, what: str, engine: str, log: Path, show_key: bool, reload=None) -> None:

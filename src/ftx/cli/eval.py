@@ -4,10 +4,9 @@ endpoints side by side, ftx.ab) and `ftx eval lm-eval` (lm-evaluation-harness, f
 from __future__ import annotations
 
 import click
-from pydantic import BaseModel, ConfigDict, Field
 
 from ..ab import ABJob
-from ..core.config import OutputDir
+from ..lmeval import LmEvalJob
 from .grammar import Alias, DefaultGroup, abs_path, console, load, options
 from .recipe import _until
 
@@ -56,24 +55,6 @@ def eval_ab(args, **params):
     click.echo((Path(job.out) / "summary.md").read_text())
     click.echo(f"report: {Path(job.out) / 'report.html'}")
     return summary
-
-
-class LmEvalJob(BaseModel):
-    """`ftx eval lm-eval`: lm-evaluation-harness tasks on a model in-process or on a served endpoint."""
-
-    model_config = ConfigDict(extra="forbid")
-    tasks: list[str] = Field(
-        min_length=1, description="lm-eval task names or task YAML files (ftx ships ftx_quickstart_gen, _mc)"
-    )
-    model: str = Field(
-        "smollm2-135m-instruct",
-        description="an HF directory or an ftx base model name (in-process), or the model name at the endpoint",
-    )
-    adapter: str | None = Field(None, description="a peft adapter directory over the model (in-process)")
-    endpoint: str | None = Field(None, description="an OpenAI-compatible base URL (generation tasks only)")
-    limit: int | None = Field(None, ge=1, description="the first N documents of each task")
-    batch_size: int = Field(8, ge=1, description="sequences per batch in-process, concurrent requests on an endpoint")
-    out: OutputDir = Field(OutputDir("lm-eval.json"), description="the results JSON (+ .samples.jsonl beside it)")
 
 
 def _tasks(texts):

@@ -4,6 +4,7 @@ stop its whole process group, and make children die with ftx (however ftx dies).
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import secrets
 import signal
@@ -62,6 +63,30 @@ def health(base: str) -> int | None:
         return e.code
     except (urllib.error.URLError, OSError):
         return None
+
+
+def request_json(base_url: str, api_key: str | None, method: str, path: str, body: dict | None = None, timeout=120):
+    """One request to a server's `path` (under base_url without its /v1), JSON in and out (text when the answer is
+    not JSON); HTTP errors and an unreachable server become one-line FtxErrors."""
+    url = base_url.rstrip("/").removesuffix("/v1") + path
+    req = urllib.request.Request(
+        url,
+        method=method,
+        data=json.dumps(body).encode() if body is not None else None,
+        headers={"Content-Type": "application/json", **({"Authorization": f"Bearer {api_key}"} if api_key else {})},
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            text = r.read().decode()
+    except urllib.error.HTTPError as e:
+        detail = e.read().decode(errors="replace")[:300]
+        raise FtxError(f"{method} {url}: HTTP {e.code}: {detail}") from None
+    except (urllib.error.URLError, OSError) as e:
+        raise FtxError(f"{url}: server not reachable ({e})") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
 
 
 def tail(log: Path, n: int = 3) -> str:

@@ -11,11 +11,8 @@ be open without it."""
 
 from __future__ import annotations
 
-import json
 import os
 import sys
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Literal
 
@@ -23,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..core.adapters import TARGETS, adapter_rank, check_for, check_name, check_peft_dir
 from ..core.errors import FtxError
+from ..core.procs import request_json
 from .base import Engine
 
 LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's accepted --max-lora-rank values
@@ -115,7 +113,7 @@ class Vllm(Engine):
         import numpy as np
 
         body = {"model": model, "prompt": ids, "max_tokens": 1, "temperature": 0, "prompt_logprobs": 1}
-        positions = _request(base_url, api_key, "POST", "/v1/completions", body)["choices"][0]["prompt_logprobs"]
+        positions = request_json(base_url, api_key, "POST", "/v1/completions", body)["choices"][0]["prompt_logprobs"]
         actual, top = [], []
         for tok, d in zip(ids[1:], positions[1:]):  # position 0 has no context
             actual.append(d[str(tok)]["logprob"])
@@ -126,31 +124,9 @@ class Vllm(Engine):
 # ---- runtime adapter management against a running server ------------------------------------------------
 
 
-def _request(base_url: str, api_key: str | None, method: str, path: str, body: dict | None = None):
-    url = base_url.rstrip("/").removesuffix("/v1") + path
-    req = urllib.request.Request(
-        url,
-        method=method,
-        data=json.dumps(body).encode() if body is not None else None,
-        headers={"Content-Type": "application/json", **({"Authorization": f"Bearer {api_key}"} if api_key else {})},
-    )
-    try:
-        with urllib.request.urlopen(req, timeout=120) as r:
-            text = r.read().decode()
-    except urllib.error.HTTPError as e:
-        detail = e.read().decode(errors="replace")[:300]
-        raise FtxError(f"{method} {url}: HTTP {e.code}: {detail}") from None
-    except (urllib.error.URLError, OSError) as e:
-        raise FtxError(f"{url}: server not reachable ({e})") from None
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
-
-
 def list_adapters(base_url: str, api_key: str | None) -> list[dict]:
     """Models the server answers to: the base (parent None) and its adapters (parent = the base)."""
-    models = _request(base_url, api_key, "GET", "/v1/models")["data"]
+    models = request_json(base_url, api_key, "GET", "/v1/models")["data"]
     return [{"name": m["id"], "parent": m.get("parent"), "root": m.get("root")} for m in models]
 
 
@@ -161,7 +137,7 @@ def add_adapter(base_url: str, api_key: str | None, name: str, path: str | Path)
     p = check_peft_dir(name, path, base_dir)
     if any(m["name"] == name for m in models):
         raise FtxError(f"adapter {name!r} is already loaded; remove it first")
-    _request(base_url, api_key, "POST", "/v1/load_lora_adapter", {"lora_name": name, "lora_path": str(p)})
+    request_json(base_url, api_key, "POST", "/v1/load_lora_adapter", {"lora_name": name, "lora_path": str(p)})
     return p
 
 
@@ -169,4 +145,4 @@ def remove_adapter(base_url: str, api_key: str | None, name: str) -> None:
     check_name(name)
     if not any(m["name"] == name and m["parent"] for m in list_adapters(base_url, api_key)):
         raise FtxError(f"no adapter {name!r} on this server")
-    _request(base_url, api_key, "POST", "/v1/unload_lora_adapter", {"lora_name": name})
+    request_json(base_url, api_key, "POST", "/v1/unload_lora_adapter", {"lora_name": name})

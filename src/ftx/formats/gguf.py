@@ -7,6 +7,7 @@ this text reported Q8_0 at PPL ratio 1.197 where the two PPLs differ by 0.7%).""
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import shutil
@@ -91,9 +92,7 @@ def search_units(reference: Path, blocks: int):
     overhead = header.size - sum(t[3] for t in header.tensors)
     fixed, weights = overhead, 0
     for name, dims, _, nbytes in header.tensors:
-        n = 1
-        for d in dims:
-            n *= d
+        n = math.prod(dims)
         weights += n
         m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.weight", name)
         if len(dims) < 2 or not (m or name in ("token_embd.weight", "output.weight")):
@@ -146,21 +145,19 @@ def unit_types(path: Path, units, patterns: dict[str, str]) -> dict[str, str]:
     return out
 
 
-def quantize_mix(src: Path, dst: Path, patterns: dict[str, str], types: dict[str, str], imatrix: Path | None) -> Path:
+def quantize_mix(src: Path, dst: Path, patterns: dict[str, str], types: dict[str, str], imatrix: Path | None) -> None:
     """llama-quantize with one type per unit (a --tensor-type-file of anchored regexes, written next to `dst`)."""
     overrides = dst.parent / f"{dst.stem}.units.txt"
     overrides.write_text("".join(f"{patterns[u]}={t}\n" for u, t in types.items()))
-    extra = ["--imatrix", imatrix] if imatrix else []
-    args = [*extra, "--tensor-type-file", overrides, src, dst, "Q8_0", os.cpu_count() or 1]
-    gguf.run_tool("llama-quantize", args, dst.parent / "tools.log")
-    return overrides
+    quantize(src, dst, "Q8_0", imatrix, ["--tensor-type-file", overrides])  # Q8_0: only for tensors none names
 
 
-def quantize(src: Path, dst: Path, quant: str, imatrix: Path | None = None) -> None:
-    extra = ["--imatrix", imatrix] if imatrix else []
-    gguf.run_tool(
-        "llama-quantize", [*extra, src, dst, QUANT_FTYPES[quant], os.cpu_count() or 1], dst.parent / "tools.log"
-    )
+def quantize(src: Path, dst: Path, quant: str, imatrix: Path | None = None, options: list = ()) -> None:
+    """llama-quantize to one of its mixtures: an ftx quant name (q4_k_m) or llama-quantize's own (Q4_K_S), with
+    more `options` (per-tensor overrides)."""
+    extra = [*(["--imatrix", imatrix] if imatrix else []), *options]
+    ftype = QUANT_FTYPES.get(quant, quant)
+    gguf.run_tool("llama-quantize", [*extra, src, dst, ftype, os.cpu_count() or 1], dst.parent / "tools.log")
     if not dst.exists():
         raise FtxError(f"llama-quantize {quant} wrote nothing for {src}")
 
@@ -242,7 +239,7 @@ class Gguf(Format):
 
         def preset(ftype: str):
             def build() -> tuple[float, int, dict[str, str]]:
-                gguf.run_tool("llama-quantize", ["--imatrix", imatrix, reference, candidate, ftype], scratch / "log")
+                quantize(reference, candidate, ftype, imatrix)
                 return score(candidate), candidate.stat().st_size, unit_types(candidate, units, patterns)
 
             return build
@@ -253,8 +250,7 @@ class Gguf(Format):
         result = search.search(units, fixed, budget, measure, progress, presets, target.refine_evals)
         dst = out / "model-target.gguf"
         if result.kept in PRESETS:  # llama.cpp's own mixture measured best
-            args = ["--imatrix", imatrix, reference, dst, result.kept, os.cpu_count() or 1]
-            gguf.run_tool("llama-quantize", args, out / "tools.log")
+            quantize(reference, dst, result.kept, imatrix)
         else:
             quantize_mix(reference, dst, patterns, result.types, imatrix)
         shutil.rmtree(scratch)

@@ -72,6 +72,14 @@ class Unit:
     def size(self, qtype: str) -> int:
         return next(b for t, b, _ in self.options if t == qtype)
 
+    def index(self, qtype: str) -> int:
+        return next(i for i, (t, _, _) in enumerate(self.options) if t == qtype)
+
+
+def total(units: list[Unit], types: dict[str, str], fixed_bytes: int) -> int:
+    """The file's bytes with `types`: the units' at their types plus everything else."""
+    return fixed_bytes + sum(u.size(types[u.name]) for u in units)
+
 
 class SearchResult(BaseModel):
     budget_bytes: int
@@ -156,18 +164,17 @@ def fit(
 ) -> dict[str, str] | None:
     """`types` made to fit the budget by the downgrades that cost the least predicted KLD per byte saved (a mixture's
     per-group types can be a little larger than the mixture itself); None when even that cannot fit."""
-    names = {u.name: [t for t, _, _ in u.options] for u in units}
     types = dict(types)
-    while fixed_bytes + sum(u.size(types[u.name]) for u in units) > budget:
+    while total(units, types, fixed_bytes) > budget:
         best = None
         for u in units:
-            i = names[u.name].index(types[u.name])
+            i = u.index(types[u.name])
             if i == 0:
                 continue
             saved = u.size(types[u.name]) - u.options[i - 1][1]
             cost = (klds[u.name][i - 1] - klds[u.name][i]) / max(saved, 1)
             if best is None or cost < best[0]:
-                best = (cost, u.name, names[u.name][i - 1])
+                best = (cost, u.name, u.options[i - 1][0])
         if best is None:
             return None
         types[best[1]] = best[2]
@@ -187,22 +194,23 @@ def refine(
     """Measured local search from `start` (types, KLD, bytes): the move the curves predict saves the most KLD - one
     group a type up, paid for by one or two others a type down when the budget needs it - is built and measured;
     kept if the file measures better, remembered as rejected otherwise (and a group whose going up was rejected twice
-    waits for the next kept step); at most `evals` files. The measurements,
-    not the additive model, decide: KLD from many quantized groups is not the sum of each group's alone."""
-    names = {u.name: [t for t, _, _ in u.options] for u in units}
+    waits for the next kept step); at most `evals` files. The measurements, not the additive model, decide: KLD
+    from many quantized groups is not the sum of each group's alone."""
+    by_name = {u.name: u for u in units}
     types, kld, kept_bytes = dict(start[0]), start[1], start[2]
     rejected, steps = set(), []
     tries: dict[str, int] = {}  # rejected moves per group going up since the last kept step: at most 2 each
 
     def size(ts: dict[str, str]) -> int:
-        return fixed_bytes + sum(u.size(ts[u.name]) for u in units)
+        return total(units, ts, fixed_bytes)
 
     def step(name: str, ts: dict[str, str], d: int) -> tuple[dict[str, str], float] | None:
-        i = names[name].index(ts[name])
-        if not 0 <= i + d < len(names[name]):
+        """`name` d types up (or down), with the predicted KLD that saves (negative: costs)."""
+        u = by_name[name]
+        i = u.index(ts[name])
+        if not 0 <= i + d < len(u.options):
             return None
-        k = klds[name]
-        return {**ts, name: names[name][i + d]}, (k[i] - k[i + d]) if d > 0 else -(k[i + d] - k[i])
+        return {**ts, name: u.options[i + d][0]}, klds[name][i] - klds[name][i + d]
 
     while evals > 0:
         moves = []
@@ -230,7 +238,7 @@ def refine(
         moves = [m for m in moves if tuple(sorted(m[1].items())) not in rejected]
         if not moves:
             break
-        gain, cand, what, group = max(moves, key=lambda m: m[0])
+        _, cand, what, group = max(moves, key=lambda m: m[0])
         progress(f"quant search: refining ({evals} left): {what}")
         got, nbytes = measure(cand)
         evals -= 1
@@ -278,7 +286,7 @@ def search(
             measured[u.name][i] = max(kld - base_kld, 1e-9)
     klds = {u.name: curve(u, measured[u.name]) for u in units}
     types = allocate(units, klds, budget - smallest)
-    pred = base_kld + sum(klds[u.name][[t for t, _, _ in u.options].index(types[u.name])] for u in units)
+    pred = base_kld + sum(klds[u.name][u.index(types[u.name])] for u in units)
     progress("quant search: building the allocation")
     kld, nbytes = measure(types)
     tried = [{"name": "allocation", "mean_kld": kld, "size_bytes": nbytes, "types": types}]
