@@ -279,3 +279,64 @@ def test_a_level_stops_sending_at_its_duration():
     asyncio.run(go())
     # 1000 requests of 10 ms at concurrency 2 would take 5 s: the 0.2 s duration stopped the sending early
     assert 2 <= len(sent) < 1000 and sent == list(range(len(sent)))
+
+
+def test_server_timings_from_llama_server_and_vllm_metrics():
+    """llama-server's per-request `timings` and vLLM's histogram deltas become the same means; /metrics text
+    (Prometheus format, several label sets) is summed per histogram; an endpoint without vLLM metrics gives None."""
+    import http.server
+    import threading
+
+    from ftx.bench import server
+
+    t = server.record_timings(
+        {"prompt_ms": 50.0, "predicted_ms": 90.0, "predicted_n": 10, "prompt_n": 64, "cache_n": 0}
+    )
+    assert (
+        t["ttft_s"] == pytest.approx(0.05) and t["tpot_s"] == pytest.approx(0.01) and t["e2e_s"] == pytest.approx(0.14)
+    )
+    assert server.record_timings({"prompt_ms": 1}) is None
+    recs = [{"ok": True, "server": t}, {"ok": True, "server": {**t, "ttft_s": 0.07}}, {"ok": False, "server": None}]
+    own = server.view(recs, None, None)
+    assert own["source"] == "llama-server timings" and own["requests"] == 2 and own["ttft_s"] == pytest.approx(0.06)
+    summary = {"ok": 2, "ttft_s": {"mean": 0.066}, "tpot_s": {"mean": 0.01}, "e2e_s": {"mean": 0.168}}
+    agree = server.agreement(summary, own)
+    assert agree["ttft_s"] == pytest.approx(1.1) and agree["e2e_s"] == pytest.approx(1.2) and agree["same_requests"]
+
+    def metrics(n):  # two label sets (e.g. two model names) of each histogram, after n requests each
+        lines = []
+        for name in server.VLLM.values():
+            for model in ("a", "b"):
+                lines += [
+                    f"# TYPE {name} histogram",
+                    f'{name}_bucket{{model_name="{model}",le="+Inf"}} {n}',
+                    f'{name}_count{{model_name="{model}"}} {n}',
+                    f'{name}_sum{{model_name="{model}"}} {0.5 * n}',
+                ]
+        return "\n".join(lines) + "\n"
+
+    pages = {"/metrics": metrics(3)}
+
+    class H(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = pages.get(self.path)
+            self.send_response(200 if body else 404)
+            self.end_headers()
+            self.wfile.write((body or "").encode())
+
+        def log_message(self, *a):
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{srv.server_port}/v1"
+        before = server.scrape(url, "k")
+        assert before["e2e_s"] == (3.0, 6.0)
+        pages["/metrics"] = metrics(5)
+        own = server.view([{"ok": True, "server": None}], before, server.scrape(url, "k"))
+        assert own == {"source": "vLLM /metrics", "requests": 4, "ttft_s": 0.5, "tpot_s": 0.5, "e2e_s": 0.5}
+        pages.pop("/metrics")
+        assert server.scrape(url, "k") is None
+    finally:
+        srv.shutdown()

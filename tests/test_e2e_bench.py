@@ -348,6 +348,13 @@ def test_bench_sweep_goodput_and_cost_from_real_requests(quickstart_run):
             and np.percentile([r["tpot_s"] for r in recs if r["tpot_s"]], 99) <= slo["tpot_ms"] / 1000
         )
         assert s["meets_slo"] == meets
+        # llama-server's own timings of the same requests (prefill, decode per token): what the server measured
+        # lies inside what the client measured, and the decode pace both saw is the same
+        own = lv["server"]
+        assert own["source"] == "llama-server timings" and own["requests"] == len(recs)
+        assert all(r["ttft_s"] >= r["server"]["ttft_s"] and r["e2e_s"] >= r["server"]["e2e_s"] for r in recs)
+        assert own["ttft_s"] == pytest.approx(np.mean([r["server"]["ttft_s"] for r in recs]))
+        assert 0.9 < lv["agreement"]["tpot_s"] < 1.1 and lv["agreement"]["e2e_s"] >= 1.0, lv["agreement"]
     passing = [lv["level"] for lv in summary["targets"][0]["levels"] if lv["summary"]["meets_slo"]]
     assert (summary["best"] or {}).get("level") == (max(passing) if passing else None)
     if summary["best"]:  # $ per 1M tokens from the goodput and the hardware profile (an always-on cloud VM)
@@ -358,6 +365,7 @@ def test_bench_sweep_goodput_and_cost_from_real_requests(quickstart_run):
         assert {a["api"] for a in summary["apis"]} >= {"gpt-4o-mini", "claude-haiku-4.5", "gemini-2.5-flash"}
     md = (quickstart_run["dir"] / "run_card.md").read_text()
     assert "| concurrency | req/s |" in md and "SLO: P99 of TTFT ≤ 1000 ms, TPOT ≤ 100 ms" in md
+    assert "Server's own timings (llama-server timings), ftx / server:" in md
     assert ("per 1M tokens" in md and "gpt-4o-mini" in md) if summary["best"] else "No load level met the SLO" in md
     for png in ("latency_cdf.png", "sweep.png"):
         assert (quickstart_run["dir"] / png).read_bytes()[:4] == b"\x89PNG"

@@ -49,6 +49,15 @@ def test_recipe_serve_stage_on_vllm_serves_the_unmerged_adapter(vllm_recipe, qui
     assert len(records) == 4 and {r["model"] for r in records} == {"quickstart"}
     assert all(r["error"] is None and r["output_tokens"] > 0 for r in records), records
     assert all(isinstance(r["cached_tokens"], int) for r in records)  # vLLM reports its prefix-cache hits
+    # vLLM's own histograms (/metrics through the gateway) read around the measured requests: the same 4 requests,
+    # whose server-side TTFT and E2E lie inside the client's
+    level = json.loads((vllm_recipe["dir"] / "stages" / "bench" / "summary.json").read_text())["targets"][0]["levels"][
+        0
+    ]
+    assert level["server"]["source"] == "vLLM /metrics" and level["server"]["requests"] == 4, level["server"]
+    agree = level["agreement"]
+    assert agree["same_requests"] and agree["ttft_s"] >= 1.0 and agree["e2e_s"] >= 1.0, agree
+    assert 0.8 < agree["tpot_s"] < 1.25, agree
     assert "## Served (vLLM, base" in (card := (vllm_recipe["dir"] / "run_card.md").read_text())
     # the adapter proof: vLLM (fp32 on CPU) with the adapter gives HF + PEFT's prompt log-probabilities; its base
     # model alone does not

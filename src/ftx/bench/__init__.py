@@ -177,7 +177,7 @@ def run(
     into `out`, return the summary. Raises KeyboardInterrupt after writing the partial results when interrupted."""
     from rich.progress import Progress
 
-    from . import client, report, stats
+    from . import client, report, server, stats
     from .prompts import PromptSet
 
     if not isinstance(prompts, PromptSet):
@@ -203,12 +203,16 @@ def run(
         lv = []
         for d in (d for d in done if d["target"] == t.name):
             recs = [r for r in records if r["target"] == t.name and r["level"] == d["level"]]
+            summary = stats.summarize(recs, d["wall_s"], cfg.slo)
+            own = server.view(recs, *d.get("server_metrics", (None, None)))
             lv.append(
                 {
                     "level": d["level"],
                     "partial": d.get("partial", False),
                     "client": d["client"],
-                    "summary": stats.summarize(recs, d["wall_s"], cfg.slo),
+                    "summary": summary,
+                    "server": own,
+                    "agreement": server.agreement(summary, own),
                 }
             )
         per_target.append({"name": t.name, "base_url": t.base_url, "models": t.models, "levels": lv})

@@ -13,6 +13,7 @@ import json
 import time
 
 from . import prompts as P
+from . import server as S
 
 
 def _limits(concurrency: int):
@@ -56,6 +57,7 @@ async def one_request(client, model: str, prompt, cfg, t_origin: float, tokenize
         "token_source": None,
         "finish_reason": None,
         "error": None,
+        "server": None,  # the server's own timings of this request (llama-server), see ftx.bench.server
     }
     extra = {"ignore_eos": True} if cfg.ignore_eos else None
     common = dict(
@@ -103,6 +105,8 @@ async def one_request(client, model: str, prompt, cfg, t_origin: float, tokenize
                         rec["finish_reason"] = c["finish_reason"]
                 if chunk.get("usage"):
                     usage = chunk["usage"]
+                if chunk.get("timings"):
+                    rec["server"] = S.record_timings(chunk["timings"])
         rec["e2e_s"] = time.perf_counter() - t0
         if usage is not None and usage.get("completion_tokens") is not None:
             rec["input_tokens"], rec["output_tokens"], rec["token_source"] = (
@@ -213,6 +217,8 @@ async def run_level(
         if cfg.warmup:
             sem = asyncio.Semaphore(max(1, min(cfg.warmup, concurrency or cfg.warmup)))
             await asyncio.gather(*(send(-1 - k, sem, False) for k in range(cfg.warmup)))
+        # the server's own histograms (vLLM's /metrics) just before and after the measured requests
+        metrics_before = await asyncio.to_thread(S.scrape, base_url, api_key)
         deadline = None if cfg.duration_s is None else time.perf_counter() + cfg.duration_s
         cpu0, t0 = time.process_time(), time.perf_counter()
         first = len(records)
@@ -228,10 +234,12 @@ async def run_level(
                 raise
         wall = time.perf_counter() - t0
         cpu = time.process_time() - cpu0
+        metrics_after = await asyncio.to_thread(S.scrape, base_url, api_key) if metrics_before else None
         n = max(len(records) - first, 1)
         lags = np.asarray(lag.lags or [0.0])
         return {
             "wall_s": wall,
+            "server_metrics": (metrics_before, metrics_after),
             "client": {
                 "cpu_ms_per_request": 1000 * cpu / n,
                 "cpu_share_of_wall": cpu / wall if wall else 0,

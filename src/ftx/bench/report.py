@@ -80,6 +80,30 @@ def levels_table(mode: str, levels: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def server_table(mode: str, levels: list[dict]) -> str | None:
+    """ftx's mean TTFT/TPOT/E2E beside the server's own (ftx.bench.server), per level that has them."""
+    rows = [lv for lv in levels if lv.get("server")]
+    if not rows:
+        return None
+
+    def cell(lv, m):
+        c, s = (lv["summary"].get(m) or {}).get("mean"), lv["server"].get(m)
+        if c is None or not s:
+            return "-"
+        return f"{1000 * c:.1f} / {1000 * s:.1f} ({100 * (c / s - 1):+.1f}%)"
+
+    out = [
+        f"Server's own timings ({rows[0]['server']['source']}), ftx / server:",
+        "",
+        f"| {level_name(mode)} | requests | TTFT vs prefill ms | TPOT ms | E2E ms |",
+        "|---|---|---|---|---|",
+    ]
+    for lv in rows:
+        n = f"{lv['summary']['ok']} / {lv['server']['requests']}"
+        out.append(f"| {lv['level']:g} | {n} | {cell(lv, 'ttft_s')} | {cell(lv, 'tpot_s')} | {cell(lv, 'e2e_s')} |")
+    return "\n".join(out)
+
+
 def slo_line(slo: dict) -> str:
     parts = [
         f"{k.removesuffix('_ms').upper()} ≤ {v:g} ms" for k, v in slo.items() if k.endswith("_ms") and v is not None
@@ -180,6 +204,9 @@ def markdown(result: dict) -> str:
             f" (models: {', '.join(t['models'])})" if t["models"] not in ([], [t["name"]]) else ""
         )
         parts += [f"**{title}**", "", levels_table(result["mode"], t["levels"]), ""]
+        own = server_table(result["mode"], t["levels"])
+        if own:
+            parts += [own, ""]
     parts += [slo_line(result["slo"]), ""]
     if result.get("compare"):
         parts += [compare_table(result["mode"], result["compare"]), ""]
