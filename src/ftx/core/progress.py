@@ -72,14 +72,18 @@ def trainer_monitor(
     row: Callable[[object, dict], dict | None],
     info_keys: tuple[str, ...],
     stopped: dict,
+    quiet: bool = False,
 ):
     """A transformers TrainerCallback: Progress over the steps; `row(state, logs)` turns a log into the metrics row
-    to append (None: nothing to write); a non-finite loss sets stopped["step"] and stops training."""
+    to append (None: nothing to write); a non-finite loss sets stopped["step"] and stops training. `quiet`: no
+    progress output (the workers of a distributed run other than rank 0)."""
+    import io
+
     from transformers import TrainerCallback
 
     class Monitor(TrainerCallback):
         def on_train_begin(self, args, state, control, **kw):
-            self.progress = Progress(label, state.max_steps)
+            self.progress = Progress(label, state.max_steps, stream=io.StringIO() if quiet else None)
 
         def on_step_end(self, args, state, control, **kw):
             self.progress.update(state.global_step)

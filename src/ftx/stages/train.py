@@ -22,7 +22,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ..core import launch
 from ..core.errors import FtxError
+from ..core.launch import DistributedConfig
 from ..core.models import SCHEDULERS
 from ..stage import Artifact, Stage
 
@@ -51,7 +53,9 @@ class TrainConfig(BaseModel):
     warmup_steps: int = Field(10, ge=0)
     max_steps: int = Field(100, ge=1)
     epochs: float | None = Field(None, gt=0, description="passes over the train split; replaces max_steps when set")
-    batch_size: int = Field(8, ge=1)
+    batch_size: int = Field(
+        8, ge=1, description="examples per step before gradient accumulation, over all workers when distributed"
+    )
     grad_accum: int = Field(1, ge=1)
     packing: bool | Literal["auto"] = Field(
         "auto",
@@ -76,6 +80,11 @@ class TrainConfig(BaseModel):
         None, ge=1, description="evals without val-loss improvement before stopping; the best checkpoint is kept"
     )
     seed: int = 0
+    distributed: DistributedConfig | None = Field(
+        None,
+        description="train through torchrun/accelerate with several workers (DDP, FSDP, DeepSpeed ZeRO); "
+        "the other stages run once",
+    )
 
 
 class TrainResult(BaseModel):
@@ -97,6 +106,8 @@ class TrainResult(BaseModel):
     optimizer: str = "adamw_torch"
     packing: bool = False
     peak_memory_mb: float = 0.0
+    world_size: int = Field(1, description="training workers (distributed: all nodes' processes)")
+    strategy: str | None = Field(None, description="ddp, fsdp, deepspeed_zero2/3 when distributed")
 
 
 def collate_packed(batch: list[dict]) -> dict:
@@ -307,6 +318,10 @@ def run(
     device = pick_device()
     backend = pick_backend(cfg, device)
     optimizer = pick_optimizer(cfg, device)
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun / accelerate launch in every worker
+    dist = cfg.distributed if world > 1 else None
+    zero = launch.rank() == 0  # only rank 0 writes metrics, the adapter and the plot
+    per_device = launch.per_device_batch(cfg.batch_size, world)
     set_seed(cfg.seed)
     model, tok, targets = build_model(cfg, base_dir, max_seq_len, device, backend)
     model.config.use_cache = False  # a KV cache in training also turns off packed-sequence masking
@@ -330,6 +345,16 @@ def run(
         with open(metrics_path) as f:
             kept = [line for line in f if json.loads(line)["step"] <= resumed_from]
     diverged: dict = {"step": None}
+
+    def all_tokens() -> int:  # every worker's count (on_log runs on every rank at the same steps)
+        if dist is None:
+            return counted["tokens"]
+        import torch.distributed as D
+
+        t = torch.tensor([counted["tokens"]], device=device if device == "cpu" else f"cuda:{os.environ['LOCAL_RANK']}")
+        D.all_reduce(t)
+        return int(t.item())
+
     counted = {"tokens": 0, "training": False}  # the collator serves eval batches too: count training ones only
     t_start = time.perf_counter()
 
@@ -341,7 +366,7 @@ def run(
         }
         if "loss" in logs:
             r.update(loss=logs["loss"], lr=logs.get("learning_rate"), grad_norm=logs.get("grad_norm"))
-            r["tokens_per_s"] = counted["tokens"] / max(r["time_s"], 1e-9)
+            r["tokens_per_s"] = all_tokens() / max(r["time_s"], 1e-9)
         if "eval_loss" in logs:
             r.update(val_loss=logs["eval_loss"], val_perplexity=math.exp(min(logs["eval_loss"], 50)))
         return r if len(r) > 3 else None
@@ -366,8 +391,8 @@ def run(
     args = TrainingArguments(
         output_dir=str(checkpoint_dir),
         max_steps=max_steps,
-        per_device_train_batch_size=cfg.batch_size,
-        per_device_eval_batch_size=cfg.batch_size,
+        per_device_train_batch_size=per_device,
+        per_device_eval_batch_size=per_device,
         gradient_accumulation_steps=cfg.grad_accum,
         learning_rate=cfg.learning_rate,
         lr_scheduler_type=cfg.scheduler,
@@ -394,12 +419,13 @@ def run(
         remove_unused_columns=False,
         disable_tqdm=True,
         log_level="error",
+        **(distributed_args(dist, device) if dist else {}),
     )
     experiment, _, name = run_name.rpartition("/")
-    with open(metrics_path, "w") as metrics_f:
+    with open(metrics_path if zero else os.devnull, "w") as metrics_f:
         metrics_f.writelines(kept)
         callbacks = [
-            trainer_monitor("train", metrics_f, row, ("loss", "val_loss", "tokens_per_s"), diverged),
+            trainer_monitor("train", metrics_f, row, ("loss", "val_loss", "tokens_per_s"), diverged, quiet=not zero),
             CountTokens(),
         ]
         if cfg.early_stopping_patience:
@@ -429,6 +455,10 @@ def run(
             best_step = checkpoint_step(trainer.state.best_model_checkpoint)
             evals = [h for h in history if "eval_loss" in h and h.get("step") == best_step]
         final_eval = evals[-1] if evals else trainer.evaluate()  # evaluate() logs its row through the monitor
+    tokens = all_tokens()
+    if not zero:
+        return None
+    out.mkdir(parents=True, exist_ok=True)
     shutil.copy(metrics_path, out / "metrics.jsonl")
     model.save_pretrained(out / "adapter")
     tok.save_pretrained(out / "adapter")
@@ -444,8 +474,8 @@ def run(
         final_loss=losses[-1] if losses else None,
         val_loss=float(final_eval["eval_loss"]),
         val_perplexity=math.exp(min(final_eval["eval_loss"], 50)),
-        trained_tokens=counted["tokens"],
-        tokens_per_s=counted["tokens"] / max(elapsed, 1e-9),
+        trained_tokens=tokens,
+        tokens_per_s=tokens / max(elapsed, 1e-9),
         device=device,
         best_step=best_step,
         stopped_early=train_out.global_step < max_steps,
@@ -456,7 +486,18 @@ def run(
         optimizer=optimizer,
         packing=packing,
         peak_memory_mb=peak_memory_mb(device),
+        world_size=world,
+        strategy=dist.strategy if dist else None,
     )
+
+
+def distributed_args(dist: DistributedConfig, device: str) -> dict:
+    """TrainingArguments for a worker of a distributed run (the launcher set up the process group's env)."""
+    args = {"ddp_backend": launch.ddp_backend(dist, device), "ddp_find_unused_parameters": False}
+    if dist.strategy == "fsdp" and dist.launcher == "torchrun":  # accelerate launch passes its config itself
+        args["fsdp"] = "full_shard auto_wrap"
+        args["fsdp_config"] = {"fsdp_version": 2, "reshard_after_forward": True}
+    return args
 
 
 class Train(Stage):
@@ -476,23 +517,63 @@ class Train(Stage):
         device = pick_device()  # GPU-only choices on a CPU machine fail now, not after the base model loads
         pick_backend(ctx.cfg, device)
         pick_optimizer(ctx.cfg, device)
+        if ctx.cfg.distributed:
+            launch.check(ctx.cfg.distributed, ctx.cfg.method, device)
+            launch.per_device_batch(ctx.cfg.batch_size, ctx.cfg.distributed.world_size)
+
+    def job(self, ctx, out: Path) -> dict:
+        """Everything `run` needs, as JSON (a distributed run's workers read it from the spec file)."""
+        d = ctx.upstream("data").result
+        return {
+            "config": ctx.cfg.model_dump(mode="json"),
+            "base_dir": str(ctx.base_dir),
+            "train_file": str(ctx.file("data", d["train_file"])),
+            "val_file": str(ctx.file("data", d["val_file"])),
+            "max_seq_len": ctx.setting("data.max_seq_len"),
+            "out": str(out),
+            # checkpoints are keyed like the stage and live outside its temp dir: a crashed run resumes from them
+            "checkpoint_dir": str(ctx.out_root / ".cache" / self.name / f"{ctx.key}.checkpoints"),
+            "log_root": str(ctx.out_root),
+            "run_name": f"{ctx.recipe_name}/{ctx.key}",
+        }
+
+    def launch_plan(self, ctx) -> tuple[Path, list[list[str]]]:
+        """Write the job spec of a distributed run and return (its directory, every node's launch command). The
+        directory is keyed like the stage, so `ftx train --print-launch` and the run agree on it."""
+        from ..core.models import pick_device
+
+        dist = ctx.cfg.distributed
+        here = ctx.out_root / ".cache" / self.name / f"{ctx.key}.launch"
+        here.mkdir(parents=True, exist_ok=True)
+        spec = here / "spec.json"
+        spec.write_text(json.dumps(self.job(ctx, here / "result"), indent=2))
+        host, _, port = dist.rdzv_endpoint.rpartition(":")
+        if dist.nnodes == 1 and host in ("127.0.0.1", "localhost"):
+            from ..core.procs import free_port, port_in_use
+
+            if port_in_use(host, int(port)):  # one node: any free port will do
+                dist = dist.model_copy(update={"rdzv_endpoint": f"{host}:{free_port(host)}"})
+        return here, launch.commands(dist, "ftx.stages.train", spec, pick_device(), here)
 
     def run(self, ctx, out: Path) -> TrainResult:
-        d = ctx.upstream("data").result
-        # checkpoints are keyed like the stage and live outside its temp dir: a crashed run resumes from them
-        ckpt = ctx.out_root / ".cache" / self.name / f"{ctx.key}.checkpoints"
-        result = run(
-            ctx.cfg,
-            ctx.base_dir,
-            ctx.file("data", d["train_file"]),
-            ctx.file("data", d["val_file"]),
-            ctx.setting("data.max_seq_len"),
-            out,
-            ckpt,
-            log_root=ctx.out_root,
-            run_name=f"{ctx.recipe_name}/{ctx.key}",
-        )
-        shutil.rmtree(ckpt, ignore_errors=True)
+        job = self.job(ctx, out)
+        dist = ctx.cfg.distributed
+        if dist and dist.world_size > 1:
+            here, cmds = self.launch_plan(ctx)
+            if dist.nnodes > 1 and ctx.console:
+                ctx.console.print("run on the other nodes (same paths, shared storage):")
+                for i, cmd in enumerate(cmds[1:], 1):
+                    ctx.console.print(f"  node {i}: {launch.render(cmd)}", soft_wrap=True, highlight=False)
+            shutil.rmtree(here / "result", ignore_errors=True)
+            launch.launch(cmds[0], here / "workers.log")
+            result = TrainResult.model_validate_json((here / "result" / "result.json").read_text())
+            for f in (here / "result").iterdir():
+                if f.name != "result.json":
+                    shutil.move(str(f), out / f.name)
+            shutil.copy(here / "spec.json", out / "launch-spec.json")
+        else:
+            result = work(job)
+        shutil.rmtree(job["checkpoint_dir"], ignore_errors=True)
         return result
 
     def headline(self, r: dict) -> str:
@@ -500,3 +581,27 @@ class Train(Stage):
 
     def artifacts(self, r: dict) -> list[Artifact]:
         return [Artifact(r["adapter_dir"], "adapter"), Artifact("loss.png", "loss.png", copy=True)]
+
+
+def work(job: dict) -> TrainResult | None:
+    """Train from a job dict (Train.job); in a distributed worker, rank 0 also writes result.json beside the adapter."""
+    result = run(
+        TrainConfig.model_validate(job["config"]),
+        Path(job["base_dir"]),
+        Path(job["train_file"]),
+        Path(job["val_file"]),
+        job["max_seq_len"],
+        Path(job["out"]),
+        Path(job["checkpoint_dir"]),
+        log_root=Path(job["log_root"]),
+        run_name=job["run_name"],
+    )
+    if result is not None and launch.in_worker():
+        (Path(job["out"]) / "result.json").write_text(result.model_dump_json(indent=2))
+    return result
+
+
+if __name__ == "__main__":  # a worker of a distributed run: python -m ftx.stages.train SPEC.json
+    import sys
+
+    work(json.loads(Path(sys.argv[1]).read_text()))

@@ -1,0 +1,94 @@
+"""Distributed training for real: DDP with 2 CPU processes (gloo) through torchrun, on the quickstart.
+
+One run, killed and resumed: the train stage of the shared quickstart run again with `train.distributed`, one worker
+SIGKILLed after the step-10 checkpoint (the run must stop with a clear error, nothing half written), then the same
+command again (it must resume from step 10). The whole loss curve and the adapter are then compared with the shared
+single-process run: the global batch is the same (8 = 2 workers x 4), so every step sees the same examples.
+"""
+
+import json
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from .conftest import FTX, SETTINGS, STEPS
+
+pytestmark = pytest.mark.e2e
+
+DDP = "train.distributed={launcher: torchrun, nproc_per_node: 2}"
+
+
+def _workers(parent: int) -> list:
+    import psutil
+
+    try:
+        kids = psutil.Process(parent).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+    return [
+        p for p in kids if "ftx.stages.train" in " ".join(p.cmdline()) and "torch.distributed.run" not in p.cmdline()
+    ]
+
+
+def test_ddp_two_processes_match_one_and_resume_after_a_killed_worker(quickstart_run):
+    out = quickstart_run["out"]
+    cmd = [*FTX, "train", str(Path(__file__).parents[1] / "recipes" / "quickstart.yaml"), *SETTINGS, DDP]
+    cmd.append(f"output_dir={out}")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    ckpts = out / ".cache" / "train"
+    deadline = time.monotonic() + 600
+    killed = None
+    while proc.poll() is None and time.monotonic() < deadline:
+        done = list(ckpts.glob("*.checkpoints/checkpoint-10/trainer_state.json"))
+        workers = _workers(proc.pid)
+        if done and len(workers) == 2:
+            killed = workers[1]
+            killed.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.2)
+    assert killed is not None, "no worker to kill after the step-10 checkpoint"
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode != 0 and "distributed training failed (launcher exit" in stderr, stderr[-3000:]
+    key = next(ckpts.glob("*.checkpoints")).name.split(".")[0]
+    assert not (ckpts / key / "stage.json").exists()  # nothing of the stage was written
+
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stderr[-3000:]
+    stage = json.loads((ckpts / key / "stage.json").read_text())["result"]
+    assert stage["world_size"] == 2 and stage["strategy"] == "ddp" and stage["steps"] == STEPS
+    assert stage["resumed_from_step"] == 10
+
+    # the loss curve: every logged training and validation loss equals the single-process run's. fp32 sums in
+    # another order (two workers' gradients all-reduced vs one batch) differ in the 7th digit: measured max 7.7e-7
+    # over these 23 values, the kill and resume included. 1e-4 leaves room for another CPU's kernels and still fails
+    # on any step that saw other examples or another learning rate (those differ by > 0.01)
+    ddp_rows = _rows(ckpts / key / "metrics.jsonl")
+    one_rows = _rows(quickstart_run["dir"] / "stages" / "train" / "metrics.jsonl")
+    assert set(ddp_rows) == set(one_rows) and len(ddp_rows) >= STEPS + 3
+    for k, v in one_rows.items():
+        assert ddp_rows[k] == pytest.approx(v, abs=1e-4), (k, ddp_rows[k], v)
+
+    # one standard peft adapter (rank 0 saved it), with the single-process run's weights (measured max difference
+    # 1.2e-5; the weights reach 0.05)
+    from safetensors.torch import load_file
+
+    a = load_file(ckpts / key / "adapter" / "adapter_model.safetensors")
+    b = load_file(quickstart_run["dir"] / "stages" / "train" / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and len(a) > 0
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-4
+    assert json.loads((ckpts / key / "adapter" / "adapter_config.json").read_text())["peft_type"] == "LORA"
+    spec = json.loads((ckpts / key / "launch-spec.json").read_text())
+    assert spec["config"]["distributed"]["nproc_per_node"] == 2
+
+
+def _rows(path: Path) -> dict:
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    out = {}
+    for r in rows:
+        for m in ("loss", "val_loss"):
+            if m in r:
+                out[(r["step"], m)] = r[m]
+    return out
