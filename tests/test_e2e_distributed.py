@@ -92,3 +92,33 @@ def _rows(path: Path) -> dict:
             if m in r:
                 out[(r["step"], m)] = r[m]
     return out
+
+
+def test_print_launch_gives_each_nodes_command_and_trains_nothing(quickstart_run):
+    """Two nodes of 4 workers: one torchrun command per node (its node rank, the rendezvous on node 0), the job spec
+    they read written; the data stage is the shared run's (cached) and nothing is trained."""
+    import shlex
+
+    from torch.distributed.run import get_args_parser
+
+    out = quickstart_run["out"]
+    two = "train.distributed={nnodes: 2, nproc_per_node: 4, rdzv_endpoint: '10.0.0.1:29400'}"
+    cmd = [*FTX, "train", str(Path(__file__).parents[1] / "recipes" / "quickstart.yaml"), *SETTINGS, two]
+    proc = subprocess.run([*cmd, f"output_dir={out}", "--print-launch"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "data: cached" in proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert lines[0::2] == ["# node 0", "# node 1"]
+    specs = set()
+    for node, line in enumerate(lines[1::2]):
+        argv = shlex.split(line)
+        args = get_args_parser().parse_args(argv[3:])
+        assert (args.nnodes, args.nproc_per_node, args.node_rank) == ("2", "4", node)
+        assert args.rdzv_endpoint == "10.0.0.1:29400" and args.training_script == "ftx.stages.train"
+        specs.add(args.training_script_args[0])
+    (spec,) = specs
+    job = json.loads(Path(spec).read_text())
+    assert job["config"]["distributed"]["nnodes"] == 2 and job["config"]["batch_size"] == 8
+    assert Path(job["train_file"]).is_file() and Path(job["base_dir"]).is_dir()
+    key = Path(spec).parent.name.removesuffix(".launch")
+    assert not (out / ".cache" / "train" / key).exists()  # nothing trained

@@ -233,3 +233,26 @@ def run_recipe(
     finally:
         runner.close()
     return run_dir
+
+
+def launch_commands(recipe_path: Path, overrides: tuple[str, ...] = (), console=None) -> list[str]:
+    """`ftx train --print-launch`: run (or take from the cache) what the train stage needs, write its distributed
+    job spec and return every node's launch command, without training."""
+    from . import pipeline
+
+    recipe = pipeline.load_doc(recipe_path, overrides).model
+    if recipe.train.distributed is None:
+        raise FtxError("train.distributed is not set: there is nothing to launch (e.g. train.distributed.nnodes=2)")
+    runner = Runner(pipeline.STAGES, recipe, recipe.output_dir.resolve(), until="data", console=console)
+    try:
+        runner.run()
+    finally:
+        runner.close()
+    train = runner.registry["train"]
+    runner.keys[train.name] = runner._key(train)
+    ctx = Context(runner, train)
+    train.prepare(ctx)
+    _, cmds = train.launch_plan(ctx)
+    from .core.launch import render
+
+    return [render(c) for c in cmds]

@@ -91,10 +91,14 @@ def recipe_schema():
 def _until(stage: str, name: str | None = None):
     @click.argument("args", nargs=-1)
     @click.option("--force", is_flag=True, help=f"re-run {stage} even if cached")
-    def cmd(args, force):
-        from ..runner import run_recipe
+    def cmd(args, force, print_launch=False):
+        from ..runner import launch_commands, run_recipe
 
         path, overrides = _recipe(args)
+        if print_launch:
+            for node, line in enumerate(launch_commands(path, tuple(overrides), console())):
+                click.echo(f"# node {node}\n{line}")
+            return
         run_dir = run_recipe(path, tuple(overrides), force=(stage,) if force else (), until=stage, console=console())
         click.echo(str(run_dir / "run_card.md"))
 
@@ -102,4 +106,14 @@ def _until(stage: str, name: str | None = None):
     return click.command(name or stage)(cmd)
 
 
-COMMANDS = [recipe, _until("train"), _until("dpo")]  # `ftx eval` is a group: ftx.cli.eval
+train = _until("train")
+train.params.append(
+    click.Option(
+        ["--print-launch"],
+        is_flag=True,
+        help="print every node's torchrun/accelerate command for train.distributed and exit (nothing is trained)",
+    )
+)
+
+
+COMMANDS = [train, _until("dpo")]  # `ftx eval` is a group: ftx.cli.eval

@@ -81,6 +81,11 @@ def check(dist: DistributedConfig, method: str, device: str, field: str = "train
             f"{field}.strategy: fsdp cannot shard QLoRA's 4-bit bitsandbytes weights (FSDP2's fully_shard needs "
             "ordinary tensors); use ddp (DDP over the LoRA parameters is the multi-GPU QLoRA path) or method lora"
         )
+    if dist.strategy == "fsdp" and device != "cuda":
+        raise FtxError(
+            f"{field}.strategy: fsdp needs GPUs: accelerate (under transformers' Trainer) enables FSDP only on GPU "
+            "devices and would silently run DDP on CPU; use ddp here"
+        )
     if dist.strategy.startswith("deepspeed") and dist.launcher != "accelerate":
         raise FtxError(f"{field}.launcher: {dist.strategy} runs through `accelerate launch`; set launcher accelerate")
     if dist.strategy.startswith("deepspeed") and device != "cuda":
@@ -119,7 +124,7 @@ def accelerate_config(dist: DistributedConfig, device: str, node_rank: int = 0) 
             "fsdp_cpu_ram_efficient_loading": True,
             "fsdp_offload_params": False,
             "fsdp_reshard_after_forward": True,
-            "fsdp_state_dict_type": "SHARDED_STATE_DICT",
+            "fsdp_state_dict_type": "FULL_STATE_DICT",  # the adapter is small: saved whole, in peft's format
             "fsdp_activation_checkpointing": False,
         }
     elif dist.strategy.startswith("deepspeed"):

@@ -108,6 +108,7 @@ class TrainResult(BaseModel):
     peak_memory_mb: float = 0.0
     world_size: int = Field(1, description="training workers (distributed: all nodes' processes)")
     strategy: str | None = Field(None, description="ddp, fsdp, deepspeed_zero2/3 when distributed")
+    wrapper: str | None = Field(None, description="what wrapped the model in training (proves the strategy ran)")
 
 
 def collate_packed(batch: list[dict]) -> dict:
@@ -456,11 +457,17 @@ def run(
             evals = [h for h in history if "eval_loss" in h and h.get("step") == best_step]
         final_eval = evals[-1] if evals else trainer.evaluate()  # evaluate() logs its row through the monitor
     tokens = all_tokens()
+    wrapper = type(trainer.model_wrapped).__name__ if dist else None
+    if dist and dist.strategy != "ddp" and wrapper == "DistributedDataParallel":
+        raise FtxError(f"train.distributed.strategy: {dist.strategy} was asked for, but the Trainer ran plain DDP")
+    if dist and dist.strategy != "ddp":  # sharded weights: every rank takes part in gathering, the main one writes
+        trainer.save_model(str(out / "adapter"))
     if not zero:
         return None
     out.mkdir(parents=True, exist_ok=True)
     shutil.copy(metrics_path, out / "metrics.jsonl")
-    model.save_pretrained(out / "adapter")
+    if not dist or dist.strategy == "ddp":
+        model.save_pretrained(out / "adapter")
     tok.save_pretrained(out / "adapter")
     plot_loss(out / "metrics.jsonl", out / "loss.png")
     losses = [h["loss"] for h in history if "loss" in h]
@@ -488,6 +495,7 @@ def run(
         peak_memory_mb=peak_memory_mb(device),
         world_size=world,
         strategy=dist.strategy if dist else None,
+        wrapper=wrapper,
     )
 
 
@@ -496,7 +504,7 @@ def distributed_args(dist: DistributedConfig, device: str) -> dict:
     args = {"ddp_backend": launch.ddp_backend(dist, device), "ddp_find_unused_parameters": False}
     if dist.strategy == "fsdp" and dist.launcher == "torchrun":  # accelerate launch passes its config itself
         args["fsdp"] = "full_shard auto_wrap"
-        args["fsdp_config"] = {"fsdp_version": 2, "reshard_after_forward": True}
+        args["fsdp_config"] = {"fsdp_version": 2, "reshard_after_forward": True, "state_dict_type": "FULL_STATE_DICT"}
     return args
 
 
@@ -564,8 +572,12 @@ class Train(Stage):
                 ctx.console.print("run on the other nodes (same paths, shared storage):")
                 for i, cmd in enumerate(cmds[1:], 1):
                     ctx.console.print(f"  node {i}: {launch.render(cmd)}", soft_wrap=True, highlight=False)
-            shutil.rmtree(here / "result", ignore_errors=True)
-            launch.launch(cmds[0], here / "workers.log")
+            if (here / "result" / "result.json").exists():  # launched on every node by hand (--print-launch)
+                if ctx.console:
+                    ctx.console.print(f"train: taking the finished distributed run in {here / 'result'}")
+            else:
+                shutil.rmtree(here / "result", ignore_errors=True)
+                launch.launch(cmds[0], here / "workers.log")
             result = TrainResult.model_validate_json((here / "result" / "result.json").read_text())
             for f in (here / "result").iterdir():
                 if f.name != "result.json":
