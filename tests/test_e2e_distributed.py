@@ -122,3 +122,50 @@ def test_print_launch_gives_each_nodes_command_and_trains_nothing(quickstart_run
     assert Path(job["train_file"]).is_file() and Path(job["base_dir"]).is_dir()
     key = Path(spec).parent.name.removesuffix(".launch")
     assert not (out / ".cache" / "train" / key).exists()  # nothing trained
+
+
+@pytest.mark.parametrize("launcher,strategy", [("torchrun", "ddp"), ("accelerate", "deepspeed_zero3")])
+def test_training_job_manifest_for_kubernetes(quickstart_run, tmp_path, launcher, strategy):
+    """`--k8s-job`: an Indexed Job of 2 pods (one per node) and a headless Service for the rendezvous, validated
+    strictly against the Kubernetes schemas; the pods read a spec whose paths are on the volume."""
+    import yaml
+
+    from ftx.deploy import validate
+
+    out = quickstart_run["out"]
+    dist = f"train.distributed={{nnodes: 2, nproc_per_node: 4, launcher: {launcher}, strategy: {strategy}}}"
+    cmd = [*FTX, "train", str(Path(__file__).parents[1] / "recipes" / "quickstart.yaml"), *SETTINGS, dist]
+    job_yaml = tmp_path / "job.yaml"
+    proc = subprocess.run(
+        [*cmd, f"output_dir={out}", "--k8s-job", job_yaml], capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "validated" in proc.stdout and "to the root of PVC `ftx-runs`" in proc.stdout
+    svc, job = list(yaml.safe_load_all(job_yaml.read_text()))
+    validate([svc, job])  # again, here: strict Kubernetes 1.33 schemas
+    assert svc["kind"] == "Service" and svc["spec"]["clusterIP"] == "None"
+    assert svc["spec"]["selector"] == {"job-name": "ftx-train"}
+    spec = job["spec"]
+    assert (spec["completionMode"], spec["completions"], spec["parallelism"]) == ("Indexed", 2, 2)
+    pod = spec["template"]["spec"]
+    assert pod["subdomain"] == svc["metadata"]["name"] == job["metadata"]["name"]
+    (c,) = pod["containers"]
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == "4"
+    env = {e["name"]: e for e in c["env"]}
+    assert "job-completion-index" in env["NODE_RANK"]["valueFrom"]["fieldRef"]["fieldPath"]
+    args = c["args"]
+    pod_spec_path = args[-1]
+    assert pod_spec_path.startswith("/runs/.cache/train/") and pod_spec_path.endswith("/spec-k8s.json")
+    local = out / Path(pod_spec_path).relative_to("/runs")
+    job_spec = json.loads(local.read_text())
+    assert job_spec["base_dir"] == "/runs/base" and job_spec["train_file"].startswith("/runs/.cache/data/")
+    assert (out / Path(job_spec["train_file"]).relative_to("/runs")).is_file()
+    if launcher == "torchrun":
+        assert "--node-rank=$(NODE_RANK)" in args and "--rdzv-endpoint=ftx-train-0.ftx-train:29500" in args
+    else:
+        cfg_path = args[args.index("--config_file") + 1]
+        assert cfg_path.endswith("accelerate-node$(NODE_RANK).json")
+        node1 = json.loads((out / Path(cfg_path.replace("$(NODE_RANK)", "1")).relative_to("/runs")).read_text())
+        assert node1["machine_rank"] == 1 and node1["main_process_ip"] == "ftx-train-0.ftx-train"
+        assert node1["distributed_type"] == "DEEPSPEED"
+        assert node1["deepspeed_config"]["deepspeed_config_file"].startswith("/runs/.cache/train/")

@@ -235,9 +235,10 @@ def run_recipe(
     return run_dir
 
 
-def launch_commands(recipe_path: Path, overrides: tuple[str, ...] = (), console=None) -> list[str]:
-    """`ftx train --print-launch`: run (or take from the cache) what the train stage needs, write its distributed
-    job spec and return every node's launch command, without training."""
+def _train_launch(recipe_path: Path, overrides: tuple[str, ...], console=None, device: str | None = None):
+    """Run (or take from the cache) what the train stage needs and write its distributed job spec, without
+    training: (recipe, the train stage's context, its launch directory, every node's command). `device`: where the
+    workers will run (default: this machine's), for the checks of what cannot work there."""
     from . import pipeline
 
     recipe = pipeline.load_doc(recipe_path, overrides).model
@@ -251,8 +252,35 @@ def launch_commands(recipe_path: Path, overrides: tuple[str, ...] = (), console=
     train = runner.registry["train"]
     runner.keys[train.name] = runner._key(train)
     ctx = Context(runner, train)
-    train.prepare(ctx)
-    _, cmds = train.launch_plan(ctx)
+    from .core import launch
+
+    if device is None:
+        from .core.models import pick_device
+
+        device = pick_device()
+    launch.check(recipe.train.distributed, recipe.train.method, device)
+    launch.per_device_batch(recipe.train.batch_size, recipe.train.distributed.world_size)
+    here, cmds = train.launch_plan(ctx)
+    return recipe, ctx, here, cmds
+
+
+def launch_commands(recipe_path: Path, overrides: tuple[str, ...] = (), console=None) -> list[str]:
+    """`ftx train --print-launch`: every node's launch command."""
     from .core.launch import render
 
-    return [render(c) for c in cmds]
+    return [render(c) for c in _train_launch(recipe_path, overrides, console)[3]]
+
+
+def train_job(recipe_path: Path, overrides: tuple[str, ...], out: Path, console=None) -> str:
+    """`ftx train --k8s-job OUT.yaml`: the validated Indexed Job + headless Service; returns what to do next."""
+    from . import deploy, trainjob
+    from .core.cache import atomic_write_text
+
+    recipe, ctx, here, _ = _train_launch(recipe_path, overrides, console, device="cuda")  # GPU nodes
+    dist = recipe.train.distributed
+    k = dist.kubernetes
+    job = json.loads((here / "spec.json").read_text())
+    docs = trainjob.manifests(dist, here, job, recipe.output_dir, k)
+    deploy.validate(docs)
+    atomic_write_text(Path(out), deploy.to_yaml(docs))
+    return trainjob.instructions(out, recipe.output_dir, ctx.base_dir, k, dist.nnodes)

@@ -91,10 +91,13 @@ def recipe_schema():
 def _until(stage: str, name: str | None = None):
     @click.argument("args", nargs=-1)
     @click.option("--force", is_flag=True, help=f"re-run {stage} even if cached")
-    def cmd(args, force, print_launch=False):
-        from ..runner import launch_commands, run_recipe
+    def cmd(args, force, print_launch=False, k8s_job=None):
+        from ..runner import launch_commands, run_recipe, train_job
 
         path, overrides = _recipe(args)
+        if k8s_job:
+            click.echo(train_job(path, tuple(overrides), k8s_job, console()))
+            return
         if print_launch:
             for node, line in enumerate(launch_commands(path, tuple(overrides), console())):
                 click.echo(f"# node {node}\n{line}")
@@ -107,13 +110,18 @@ def _until(stage: str, name: str | None = None):
 
 
 train = _until("train")
-train.params.append(
+train.params += [
     click.Option(
         ["--print-launch"],
         is_flag=True,
         help="print every node's torchrun/accelerate command for train.distributed and exit (nothing is trained)",
-    )
-)
+    ),
+    click.Option(
+        ["--k8s-job"],
+        type=click.Path(dir_okay=False, path_type=Path),
+        help="write a Kubernetes Indexed Job + headless Service for train.distributed to this file and exit",
+    ),
+]
 
 
 COMMANDS = [train, _until("dpo")]  # `ftx eval` is a group: ftx.cli.eval

@@ -22,9 +22,26 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from .config import NOT_KEYED
 from .errors import FtxError
 
 STRATEGIES = ("ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3")
+DNS_LABEL = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"
+
+
+class TrainJobConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field("ftx-train", pattern=DNS_LABEL, description="Job and headless Service name")
+    namespace: str | None = Field(None, pattern=DNS_LABEL)
+    image: str = Field("ftx-train:0.1.0", description="an image with ftx and its training stack (Dockerfile)")
+    gpu_resource: str = "nvidia.com/gpu"
+    cpu: str = "8"
+    memory: str = "64Gi"
+    shm: str = Field("16Gi", description="/dev/shm for the workers (NCCL, data loaders)")
+    pvc: str = Field("ftx-runs", pattern=DNS_LABEL, description="PersistentVolumeClaim holding the run (ReadWriteMany)")
+    mount_path: str = Field("/runs", description="where the volume is mounted in the pods")
+    base_path: str = Field("base", description="the base model's directory inside the volume")
+    port: int = Field(29500, ge=1, le=65535, description="rendezvous port on node 0")
 
 
 class DistributedConfig(BaseModel):
@@ -33,7 +50,9 @@ class DistributedConfig(BaseModel):
     nproc_per_node: int = Field(2, ge=1, description="worker processes per node (one per GPU; on CPU, processes)")
     nnodes: int = Field(1, ge=1, description="nodes; each runs the command `ftx train --print-launch` prints")
     rdzv_endpoint: str = Field(
-        "127.0.0.1:29500", description="host:port of node 0, where the workers meet (rendezvous)"
+        "127.0.0.1:29500",
+        description="host:port of node 0, where the workers meet (rendezvous)",
+        json_schema_extra=NOT_KEYED,
     )
     strategy: Literal[STRATEGIES] = Field(
         "ddp",
@@ -42,6 +61,11 @@ class DistributedConfig(BaseModel):
         "sharded, 3: parameters too)",
     )
     backend: Literal["auto", "gloo", "nccl"] = Field("auto", description="auto: nccl on CUDA, gloo on CPU")
+    kubernetes: TrainJobConfig = Field(
+        default_factory=TrainJobConfig,
+        description="`ftx train --k8s-job OUT.yaml`: an Indexed Job + headless Service running this on a cluster",
+        json_schema_extra=NOT_KEYED,
+    )
 
     @model_validator(mode="after")
     def _endpoint(self):
