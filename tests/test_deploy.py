@@ -22,7 +22,12 @@ def test_shipped_serve_configs_validate():
     edge = deploy.load(ROOT / "serve" / "edge.yaml").model
     assert edge.engine == "llamacpp" and edge.host == "127.0.0.1" and edge.llamacpp.parallel == 4
     multi = deploy.load(MULTI).model
-    assert multi.engine == "vllm" and set(multi.adapters) == {"json", "dpo"} and multi.kubernetes.gpus == 1
+    assert (
+        multi.engine == "vllm"
+        and set(multi.adapters) == {"json", "dpo"}
+        and multi.kubernetes.gpus == 1
+        and multi.kubernetes.tensor_parallel_size == 1
+    )
 
 
 def test_rendered_manifests_validate_against_kubernetes_schemas(tmp_path):
@@ -32,10 +37,12 @@ def test_rendered_manifests_validate_against_kubernetes_schemas(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     docs = list(yaml.safe_load_all(out.read_text()))
-    assert [d["kind"] for d in docs] == ["Deployment", "Service"]
+    assert [d["kind"] for d in docs] == ["Deployment", "Service", "PodDisruptionBudget"]
     for version in ("1.30", deploy.K8S_VERSION, "1.37"):
         deploy.validate(docs, version)
-    dep, svc = docs
+    dep, svc, pdb = docs
+    assert dep["spec"]["replicas"] == 1 and dep["spec"]["strategy"] == {"type": "Recreate"}
+    assert pdb["spec"] == {"maxUnavailable": 1, "selector": dep["spec"]["selector"]}
     pod = dep["spec"]["template"]["spec"]
     vllm, gw = pod["containers"]
     # the GPU, and vLLM reachable only from inside the pod
@@ -105,3 +112,50 @@ def test_max_lora_rank_from_the_adapters_or_the_config(tmp_path):
     assert args[args.index("--max-lora-rank") + 1] == "16"
     args = deploy.manifests(spec, {"json": 20})[0]["spec"]["template"]["spec"]["containers"][0]["args"]
     assert args[args.index("--max-lora-rank") + 1] == "32"  # rounded up to a rank vLLM accepts
+
+
+def test_scaled_serving_tensor_pipeline_parallel_autoscaler_and_disruption_budget(tmp_path):
+    """TP 2 x PP 2: 4 GPUs per pod and both vLLM flags; an HPA on vLLM's queue depth owns the replica count; rollouts
+    never ask for a GPU more than the replicas hold; all of it strictly valid."""
+    out = tmp_path / "scaled.yaml"
+    scaled = [
+        "kubernetes.tensor_parallel_size=2",
+        "kubernetes.pipeline_parallel_size=2",
+        "kubernetes.autoscaling={min_replicas: 2, max_replicas: 6, metric: queue_depth, target: 2.5}",
+        "kubernetes.max_unavailable=1",
+    ]
+    proc = subprocess.run(
+        [*FTX, "serve", "k8s", str(MULTI), *scaled, "--out", str(out)], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    said = " ".join((proc.stdout + proc.stderr).split())  # the console wraps lines
+    assert "4 GPU(s) per pod" in said and "vllm_num_requests_waiting" in said
+    docs = list(yaml.safe_load_all(out.read_text()))
+    assert [d["kind"] for d in docs] == ["Deployment", "Service", "PodDisruptionBudget", "HorizontalPodAutoscaler"]
+    for version in ("1.30", deploy.K8S_VERSION, "1.37"):
+        deploy.validate(docs, version)
+    dep, _, pdb, hpa = docs
+    vllm = dep["spec"]["template"]["spec"]["containers"][0]
+    assert vllm["resources"]["limits"]["nvidia.com/gpu"] == 4 and vllm["resources"]["requests"]["nvidia.com/gpu"] == 4
+    args = vllm["args"]
+    assert args[args.index("--tensor-parallel-size") + 1] == "2"
+    assert args[args.index("--pipeline-parallel-size") + 1] == "2"
+    assert "replicas" not in dep["spec"]  # the HPA's
+    assert dep["spec"]["strategy"] == {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}}
+    assert hpa["spec"]["scaleTargetRef"] == {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "name": dep["metadata"]["name"],
+    }
+    assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (2, 6)
+    (m,) = hpa["spec"]["metrics"]
+    assert m["pods"]["metric"]["name"] == "vllm_num_requests_waiting"
+    assert m["pods"]["target"] == {"type": "AverageValue", "averageValue": "2500m"}
+    assert pdb["spec"]["selector"] == dep["spec"]["selector"]
+    bad = subprocess.run(
+        [*FTX, "serve", "k8s", str(MULTI), "kubernetes.autoscaling={min_replicas: 3, max_replicas: 2}"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert bad.returncode == 2 and "max_replicas 2 < min_replicas 3" in bad.stderr, bad.stderr

