@@ -369,3 +369,41 @@ def test_bench_sweep_goodput_and_cost_from_real_requests(quickstart_run):
     assert ("per 1M tokens" in md and "gpt-4o-mini" in md) if summary["best"] else "No load level met the SLO" in md
     for png in ("latency_cdf.png", "sweep.png"):
         assert (quickstart_run["dir"] / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bench_plan_gives_replicas_and_cost_from_the_measured_goodput(quickstart_run, tmp_path):
+    """`ftx bench plan` on the recipe's real bench: replicas = ceil(R x 1.2 / goodput of the highest level meeting the
+    SLO), priced with the hardware profile the bench ran with; an SLO no level meets is an error, not a guess."""
+    import math
+
+    import yaml
+
+    bench_dir = quickstart_run["dir"] / "stages" / "bench"
+    summary = json.loads((bench_dir / "summary.json").read_text())
+    cfg = quickstart_run["manifest"]["config"]["bench"]
+    proc = subprocess.run(
+        [*FTX, "bench", "plan", "--results", str(bench_dir), "--rps", "20", "--out", str(tmp_path / "plan.json")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    (row,) = json.loads((tmp_path / "plan.json").read_text())
+    best = summary["best"]  # the bench's own verdict under the same SLO
+    assert best is not None and row["level"] == best["level"]
+    per = best["summary"]["goodput"]["requests_per_s"]
+    assert row["replica_goodput_rps"] == pytest.approx(per)
+    assert row["replicas"] == math.ceil(20 * 1.2 / per) and row["load"] == pytest.approx(20 / (row["replicas"] * per))
+    hw = yaml.safe_load(Path(cfg["hardware"]).read_text())
+    assert row["hardware"] == hw["name"] and row["usd_per_month"] == pytest.approx(
+        row["replicas"] * hw["usd_per_hour"] * 730
+    )
+    assert f"| {hw['name']} |" in proc.stdout and "| replicas |" in proc.stdout
+    strict = subprocess.run(
+        [*FTX, "bench", "plan", "--results", str(bench_dir), "--rps", "20", "--ttft-ms", "0.001"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert strict.returncode == 2 and "no bench result meets the SLO" in strict.stderr, strict.stderr
+    assert "no measured load level meets the SLO" in strict.stdout

@@ -114,4 +114,41 @@ def bench_compare(dirs, names, lora_break_even, hardware, out):
         atomic_write_text(out, text + "\n")
 
 
+@bench.command("plan")
+@click.option(
+    "--results",
+    "results",
+    multiple=True,
+    required=True,
+    metavar="DIR[@HARDWARE]",
+    help="a bench result directory, and the hardware profile it ran on if the result does not name one (repeat)",
+)
+@click.option("--rps", type=float, required=True, help="requests per second to serve")
+@click.option("--ttft-ms", type=float, default=None, help="SLO: time to first token (default: each result's SLO)")
+@click.option("--tpot-ms", type=float, default=None, help="SLO: time per output token")
+@click.option("--e2e-ms", type=float, default=None, help="SLO: end-to-end latency")
+@click.option("--percentile", type=float, default=99, show_default=True, help="the SLO's percentile")
+@click.option("--headroom", type=float, default=0.2, show_default=True, help="spare capacity on top of --rps")
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="write the plan (JSON) here too")
+def bench_plan(results, rps, ttft_ms, tpot_ms, e2e_ms, percentile, headroom, out):
+    """Replicas and $/month per hardware profile to serve --rps at the SLO, from measured goodput.
+
+    The SLO limits given replace the results' own SLO (ftx.bench.capacity)."""
+    import json
+
+    from ..bench.capacity import markdown, plan
+    from ..bench.stats import SLO
+    from ..core.cache import atomic_write_text
+    from ..core.errors import FtxError
+
+    given = (ttft_ms, tpot_ms, e2e_ms)
+    slo = SLO(ttft_ms=ttft_ms, tpot_ms=tpot_ms, e2e_ms=e2e_ms, percentile=percentile) if any(given) else None
+    rows = plan(list(results), rps, slo, headroom)
+    click.echo(markdown(rows, rps, headroom))
+    if out:
+        atomic_write_text(out, json.dumps(rows, indent=2) + "\n")
+    if all(r["replicas"] is None for r in rows):
+        raise FtxError("no bench result meets the SLO at any measured load level: relax the SLO or bench more levels")
+
+
 COMMANDS = [bench]
