@@ -43,6 +43,28 @@ def test_terms_move_the_right_way():
     assert q.trainable_params == 32 * 16 * sum(i + o for i, o in plan.arch_of(base["model"]).linear_shapes().values())
 
 
+def test_per_device_memory_under_ddp_zero_and_fsdp():
+    """Full fine-tuning of an 8B model on 8 GPUs: DDP replicates everything (plus its gradient buckets), ZeRO-2
+    shards gradients and optimizer state, ZeRO-3/FSDP also the weights (plus the layers gathered for compute)."""
+    base = dict(model="meta-llama/Llama-3.1-8B-Instruct", seq_len=2048, batch_size=1, device="cuda", method="full")
+    base |= dict(gradient_checkpointing=True, budget_gb=80)
+    one = plan.plan(plan.PlanConfig(**base)).terms_mb
+    ddp = plan.plan(plan.PlanConfig(**base, strategy="ddp", world_size=8))
+    z2 = plan.plan(plan.PlanConfig(**base, strategy="deepspeed_zero2", world_size=8))
+    z3 = plan.plan(plan.PlanConfig(**base, strategy="deepspeed_zero3", world_size=8))
+    fsdp = plan.plan(plan.PlanConfig(**base, strategy="fsdp", world_size=8))
+    assert ddp.terms_mb["ddp_buckets"] == ddp.terms_mb["gradients"] == one["gradients"]
+    assert ddp.terms_mb["weights"] == one["weights"] and ddp.total_mb > plan.plan(plan.PlanConfig(**base)).total_mb
+    assert z2.terms_mb["optimizer"] == pytest.approx(one["optimizer"] / 8, abs=0.1)
+    assert z2.terms_mb["weights"] == one["weights"]
+    assert z3.terms_mb["weights"] == pytest.approx(one["weights"] / 8, abs=0.1)
+    assert z3.terms_mb["gathered_layers"] == pytest.approx(2 * one["weights"] / 32, abs=0.1)
+    assert z3.terms_mb == fsdp.terms_mb
+    # 8B full fine-tuning on 80 GB GPUs: replicated (DDP: ~106 GB per GPU) it does not fit, sharded it does
+    assert not ddp.fits and z2.fits and z3.fits
+    assert z3.total_mb < z2.total_mb < ddp.total_mb
+
+
 @pytest.mark.e2e
 @pytest.mark.parametrize("method,seq_len,batch", [("lora", 128, 2), ("qlora", 128, 2)])
 def test_estimate_within_25_percent_of_measured_peak_rss(smol, method, seq_len, batch):

@@ -52,6 +52,10 @@ class PlanConfig(BaseModel):
     gradient_checkpointing: bool = False
     optimizer: Literal["adamw", "adamw_8bit"] = "adamw"
     device: Literal["auto", "cuda", "cpu"] = Field("auto", description="auto: CUDA when this machine has it, else CPU")
+    strategy: Literal["single", "ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3"] = Field(
+        "single", description="how training is spread over world_size devices (the estimate is per device)"
+    )
+    world_size: int = Field(1, ge=1, description="devices (GPUs, or CPU processes) training together")
     budget_gb: float | None = Field(
         None,
         gt=0,
@@ -119,6 +123,8 @@ def recipe_plan_config(recipe, device: str) -> dict:
     """PlanConfig fields for a recipe's train stage (explicit target lists are planned as all-linear); seq_len is
     every row at max_seq_len (the worst case)."""
     t = recipe.train
+    dist = t.distributed
+    world = dist.world_size if dist else 1
     eight_bit = t.optimizer in ("adamw_8bit", "paged_adamw_8bit") or (
         t.optimizer == "auto" and t.method == "qlora" and device == "cuda"
     )  # train.pick_optimizer's auto
@@ -126,7 +132,9 @@ def recipe_plan_config(recipe, device: str) -> dict:
         "model": recipe.base_model,
         "method": t.method,
         "seq_len": recipe.data.max_seq_len,
-        "batch_size": t.batch_size,
+        "batch_size": max(1, t.batch_size // world),  # the recipe's batch is over all workers
+        "strategy": dist.strategy if dist else "single",
+        "world_size": world,
         "lora_r": t.lora.r,
         "gradient_checkpointing": t.gradient_checkpointing,
         "target_modules": t.lora.target_modules if isinstance(t.lora.target_modules, str) else "all-linear",
@@ -175,7 +183,28 @@ def estimate(cfg: PlanConfig, batch_size: int | None = None) -> tuple[dict[str, 
     if cfg.method == "qlora":  # dequantized weights for the matmuls: all of them on CPU (bitsandbytes' CPU path,
         # measured), one block at a time on CUDA
         terms["dequant"] = (p["linear"] if cpu else p["linear"] / a.layers) * wbytes / MiB
-    return terms, p["total"], trainable
+    return _shard(terms, cfg, a, p, wbytes), p["total"], trainable
+
+
+def _shard(terms: dict[str, float], cfg: PlanConfig, a: Arch, p: dict, wbytes: int) -> dict[str, float]:
+    """Per-device terms under a distributed strategy (docs/memory_planner.md, "Several devices"):
+    ddp: everything replicated, plus DDP's gradient buckets (a second copy of the gradients); ZeRO-2: gradients and
+    optimizer state / N; ZeRO-3 and FSDP (full shard): weights, adapter, gradients and optimizer state / N, plus
+    the layers gathered for compute (the current one and the one prefetched)."""
+    n = cfg.world_size
+    if cfg.strategy == "single" or n == 1:
+        return terms
+    t = dict(terms)
+    if cfg.strategy == "ddp":
+        t["ddp_buckets"] = t["gradients"]
+        return t
+    t["gradients"] /= n
+    t["optimizer"] /= n
+    if cfg.strategy in ("fsdp", "deepspeed_zero3"):
+        t["gathered_layers"] = 2 * t["weights"] / a.layers
+        t["weights"] /= n
+        t["adapter"] /= n
+    return t
 
 
 def total_mb(terms: dict[str, float]) -> float:
