@@ -118,3 +118,19 @@ def markdown(rows: list[dict], rps: float, headroom: float) -> str:
             f"{100 * r['load']:.0f}% | {r['usd_per_month']:,.0f} | {per_m} |"
         )
     return "\n".join(out)
+
+
+def command(results: list[str], rps: float, limits_ms: tuple, percentile: float, headroom: float, out=None) -> str:
+    """`ftx bench plan`: the plan as markdown (and JSON into `out`); FtxError when no result meets the SLO."""
+    from ..core.cache import atomic_write_text
+
+    ttft, tpot, e2e = limits_ms
+    slo = SLO(ttft_ms=ttft, tpot_ms=tpot, e2e_ms=e2e, percentile=percentile) if any(limits_ms) else None
+    rows = plan(results, rps, slo, headroom)
+    text = markdown(rows, rps, headroom)
+    if out:
+        atomic_write_text(Path(out), json.dumps(rows, indent=2) + "\n")
+    if all(r["replicas"] is None for r in rows):
+        print(text)
+        raise FtxError("no bench result meets the SLO at any measured load level: relax the SLO or bench more levels")
+    return text

@@ -134,21 +134,9 @@ def bench_plan(results, rps, ttft_ms, tpot_ms, e2e_ms, percentile, headroom, out
     """Replicas and $/month per hardware profile to serve --rps at the SLO, from measured goodput.
 
     The SLO limits given replace the results' own SLO (ftx.bench.capacity)."""
-    import json
+    from ..bench.capacity import command
 
-    from ..bench.capacity import markdown, plan
-    from ..bench.stats import SLO
-    from ..core.cache import atomic_write_text
-    from ..core.errors import FtxError
-
-    given = (ttft_ms, tpot_ms, e2e_ms)
-    slo = SLO(ttft_ms=ttft_ms, tpot_ms=tpot_ms, e2e_ms=e2e_ms, percentile=percentile) if any(given) else None
-    rows = plan(list(results), rps, slo, headroom)
-    click.echo(markdown(rows, rps, headroom))
-    if out:
-        atomic_write_text(out, json.dumps(rows, indent=2) + "\n")
-    if all(r["replicas"] is None for r in rows):
-        raise FtxError("no bench result meets the SLO at any measured load level: relax the SLO or bench more levels")
+    click.echo(command(list(results), rps, (ttft_ms, tpot_ms, e2e_ms), percentile, headroom, out))
 
 
 COMMANDS = [bench]

@@ -124,4 +124,4 @@ train.params += [
 ]
 
 
-COMMANDS = [train, _until("dpo")]  # `ftx eval` is a group: ftx.cli.eval
+COMMANDS = [recipe, train, _until("dpo")]  # `ftx eval` is a group: ftx.cli.eval
