@@ -25,7 +25,7 @@ test-unit: setup
 	$(PY) -m pytest -v -rs tests
 
 # every benchmark measures against the quickstart run (cached: a re-run costs seconds), then one summary table
-BENCHES := train_throughput plan_accuracy export_speed serve_slots serve_overhead multi_lora edge_multi_lora quant_search bench_agreement eval_throughput
+BENCHES := train_throughput plan_accuracy export_speed serve_slots serve_overhead multi_lora edge_multi_lora quant_search bench_agreement server_timings eval_throughput
 bench: quickstart
 	@for b in $(BENCHES); do echo "== bench/$$b.py"; $(PY) bench/$$b.py || exit 1; done
 	@$(PY) bench/summary.py

@@ -52,6 +52,11 @@ SETTINGS = [
 ]
 
 
+# distributed training in the e2e tests: DDP with 2 CPU workers through torchrun (tests/test_e2e_distributed.py);
+# the DPO test uses the same setting so that its SFT run is that test's, from the cache
+DDP = "train.distributed={launcher: torchrun, nproc_per_node: 2}"
+
+
 def ftx_cmd(out, *extra):
     return [*FTX, "recipe", "run", str(RECIPE), *SETTINGS, f"output_dir={out}", *extra]
 

@@ -3,6 +3,7 @@ synthetic prompts of exact length, compare mode, and the faults a bench must sur
 Ctrl-C) or refuse up front (unreachable endpoint, wrong key, unknown model)."""
 
 import json
+import os
 import re
 import signal
 import subprocess
@@ -276,13 +277,19 @@ def test_ctrl_c_writes_the_partial_results(endpoint, tmp_path):
         "--out",
         str(out),
     ]
-    proc = subprocess.Popen(list(map(str, cmd)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    env = {**os.environ, "PYTHONFAULTHANDLER": "1"}  # a traceback of every thread if it has to be aborted
+    proc = subprocess.Popen(list(map(str, cmd)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     # wait until a few requests have finished (each decodes 48 tokens), then Ctrl-C
     start, deadline = _decoded(endpoint), time.time() + 120
     while time.time() < deadline and _decoded(endpoint) - start < 4 * 48:
         time.sleep(0.2)
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+    try:
+        _, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:  # say where it was stuck (its faulthandler dump on SIGABRT), then fail
+        proc.send_signal(signal.SIGABRT)
+        _, err = proc.communicate(timeout=30)
+        pytest.fail(f"ftx bench did not stop within 120 s of Ctrl-C:\n{err[-6000:]}")
     assert proc.returncode == 130, err[-2000:]
     summary, records = load(out)
     assert summary["interrupted"] is True and 0 < len(records) < 400

@@ -14,11 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import FTX, SETTINGS, STEPS
+from .conftest import DDP, FTX, SETTINGS, STEPS
 
 pytestmark = pytest.mark.e2e
-
-DDP = "train.distributed={launcher: torchrun, nproc_per_node: 2}"
 
 
 def _workers(parent: int) -> list:
@@ -130,7 +128,7 @@ def test_training_job_manifest_for_kubernetes(quickstart_run, tmp_path, launcher
     strictly against the Kubernetes schemas; the pods read a spec whose paths are on the volume."""
     import yaml
 
-    from ftx.deploy import validate
+    from ftx.core.k8s import validate
 
     out = quickstart_run["out"]
     dist = f"train.distributed={{nnodes: 2, nproc_per_node: 4, launcher: {launcher}, strategy: {strategy}}}"

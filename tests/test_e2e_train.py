@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from .conftest import RECIPE, ftx_run
+from .conftest import DDP, RECIPE, ftx_run
 
 pytestmark = pytest.mark.e2e
 
@@ -61,7 +61,9 @@ def test_qlora_trains_a_standard_peft_adapter(quickstart_run, hf, qlora_run, bas
 
 def test_dpo_after_sft_widens_the_preference_margin(quickstart_run, hf, base_dir):
     """DPO continues the SFT adapter (reference: the SFT model). Checked independently: the chosen-minus-rejected
-    log-probability margin on the held-out pairs, recomputed here with HF+peft, grows, and matches the stage's."""
+    log-probability margin on the held-out pairs, recomputed here with HF+peft, grows, and matches the stage's.
+    SFT and DPO run distributed here (DDP, 2 workers through torchrun: train.distributed applies to both stages;
+    the SFT run is test_e2e_distributed's, cached), so the DPO stage's launcher path is the one exercised."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -76,13 +78,16 @@ def test_dpo_after_sft_widens_the_preference_margin(quickstart_run, hf, base_dir
         "dpo.max_steps=4",
         "dpo.eval_every=4",
         "dpo.learning_rate=3e-4",
+        DDP,
         "--until",
         "dpo",
     )
-    assert manifest["stages"]["train"]["cached"] and not manifest["stages"]["dpo"]["cached"]
+    assert not manifest["stages"]["dpo"]["cached"]
     assert manifest["inputs"]["dpo.data.path"]["sha256"]
     d = json.loads((run_dir / "run_card.json").read_text())["dpo"]
     assert d["steps"] == 4 and d["pairs_val"] >= 10
+    spec = json.loads((run_dir / "stages" / "dpo" / "launch-spec.json").read_text())
+    assert spec["distributed"]["nproc_per_node"] == 2  # the workers ran it
     assert d["dpo_logp_margin"] > d["sft_logp_margin"] + 0.5
     assert (run_dir / "adapter").resolve().parent.name == manifest["stages"]["dpo"]["key"]  # the run's adapter is DPO's
     assert not (run_dir / "adapter" / "ref").exists()  # trl's frozen reference copy is not shipped

@@ -33,11 +33,10 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .core.config import NOT_KEYED, InputFile
 from .core.errors import FtxError
+from .core.k8s import DNS_LABEL, K8S_VERSION, to_yaml, validate  # noqa: F401 (deploy.validate, deploy.to_yaml)
 from .engines import ENGINES
 from .serving import ServeSettings
 
-DNS_LABEL = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"
-K8S_VERSION = "1.33"  # validated against this Kubernetes release's schemas unless told otherwise
 ENGINE_PORT = 8001  # vLLM inside the pod (loopback only); the gateway listens on kubernetes.port
 
 
@@ -371,31 +370,3 @@ def instructions(spec: ServeSpec, out: Path, version: str) -> str:
             "a Prometheus scraping the pods' /metrics and prometheus-adapter with the rule in docs/serving.md."
         )
     return text
-
-
-def validate(docs: list[dict], version: str = K8S_VERSION) -> None:
-    """Strict validation against the Kubernetes schemas of `version` (kubernetes-validate); FtxError if not."""
-    try:
-        import kubernetes_validate
-    except ImportError:
-        raise FtxError("kubernetes-validate is not installed (it is in requirements.lock; run `make setup`)") from None
-    for d in docs:
-        try:
-            kubernetes_validate.validate(d, version, strict=True)
-        except kubernetes_validate.ValidationError as e:
-            path = ".".join(str(p) for p in e.path)
-            raise FtxError(
-                f"rendered {d['kind']} does not validate against Kubernetes {version}: {path or '(top)'}: {e.message}"
-            ) from None
-        except kubernetes_validate.VersionNotSupportedError:
-            raise FtxError(f"Kubernetes {version}: no schemas for this version in kubernetes-validate") from None
-
-
-def to_yaml(docs: list[dict]) -> str:
-    import yaml
-
-    class Dumper(yaml.SafeDumper):  # shared dicts (labels, probes) written out in full, no &anchors
-        def ignore_aliases(self, data):
-            return True
-
-    return yaml.dump_all(docs, Dumper=Dumper, sort_keys=False, default_flow_style=False)

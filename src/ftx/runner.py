@@ -273,14 +273,15 @@ def launch_commands(recipe_path: Path, overrides: tuple[str, ...] = (), console=
 
 def train_job(recipe_path: Path, overrides: tuple[str, ...], out: Path, console=None) -> str:
     """`ftx train --k8s-job OUT.yaml`: the validated Indexed Job + headless Service; returns what to do next."""
-    from . import deploy, trainjob
+    from . import trainjob
     from .core.cache import atomic_write_text
+    from .core.k8s import to_yaml, validate
 
     recipe, ctx, here, _ = _train_launch(recipe_path, overrides, console, device="cuda")  # GPU nodes
     dist = recipe.train.distributed
     k = dist.kubernetes
     job = json.loads((here / "spec.json").read_text())
     docs = trainjob.manifests(dist, here, job, recipe.output_dir, k)
-    deploy.validate(docs)
-    atomic_write_text(Path(out), deploy.to_yaml(docs))
+    validate(docs)
+    atomic_write_text(Path(out), to_yaml(docs))
     return trainjob.instructions(out, recipe.output_dir, ctx.base_dir, k, dist.nnodes)

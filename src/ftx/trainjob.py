@@ -8,7 +8,7 @@ the same launcher command as `ftx train --print-launch`, with its node rank from
 Everything the workers read and write is on one PersistentVolumeClaim mounted at `kubernetes.mount_path`: the
 recipe's output_dir (data splits, the job spec, checkpoints, the result) is copied to the volume's root and the base
 model to `kubernetes.base_path`; the spec written for the pods (spec-k8s.json) names those paths. The manifests are
-validated strictly against the Kubernetes schemas (ftx.deploy.validate) before they are written.
+validated strictly against the Kubernetes schemas (ftx.core.k8s.validate) before they are written.
 """
 
 from __future__ import annotations

@@ -24,9 +24,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .config import NOT_KEYED
 from .errors import FtxError
+from .k8s import DNS_LABEL
 
 STRATEGIES = ("ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3")
-DNS_LABEL = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"
 
 
 class TrainJobConfig(BaseModel):
@@ -242,3 +242,60 @@ def launch(cmd: list[str], log: Path, env: dict | None = None) -> None:
     if rc != 0:
         last = log.read_text(errors="replace").strip().splitlines()[-12:]
         raise FtxError(f"distributed training failed (launcher exit {rc}); {log} ends with:\n" + "\n".join(last))
+
+
+def plan(dist: DistributedConfig, module: str, job: dict, here: Path, device: str) -> list[list[str]]:
+    """Write the job spec (`job`, whose "out" is here/result) into `here` and return every node's command. On one
+    node a taken rendezvous port is replaced by a free one."""
+    here.mkdir(parents=True, exist_ok=True)
+    spec = here / "spec.json"
+    spec.write_text(json.dumps(job, indent=2))
+    host, _, port = dist.rdzv_endpoint.rpartition(":")
+    if dist.nnodes == 1 and host in ("127.0.0.1", "localhost"):
+        from .procs import free_port, port_in_use
+
+        if port_in_use(host, int(port)):
+            dist = dist.model_copy(update={"rdzv_endpoint": f"{host}:{free_port(host)}"})
+    return commands(dist, module, spec, device, here)
+
+
+def run_here(dist: DistributedConfig, cmds: list[list[str]], here: Path, out: Path, console=None) -> str:
+    """Run node 0's launcher (unless a hand-launched run already finished: --print-launch), move rank 0's outputs
+    into `out` and return its result JSON."""
+    import shutil
+
+    if dist.nnodes > 1 and console:
+        console.print("run on the other nodes (same paths, shared storage):")
+        for i, cmd in enumerate(cmds[1:], 1):
+            console.print(f"  node {i}: {render(cmd)}", soft_wrap=True, highlight=False)
+    result = here / "result"
+    if (result / "result.json").exists():
+        if console:
+            console.print(f"taking the finished distributed run in {result}")
+    else:
+        shutil.rmtree(result, ignore_errors=True)
+        launch(cmds[0], here / "workers.log")
+    text = (result / "result.json").read_text()
+    for f in result.iterdir():
+        if f.name != "result.json":
+            shutil.move(str(f), out / f.name)
+    shutil.copy(here / "spec.json", out / "launch-spec.json")
+    return text
+
+
+def worker(work) -> None:
+    """A worker's entry (`python -m ftx.stages.<stage> SPEC.json`): `work(job)` in every process; rank 0 writes
+    its result (a pydantic model) as result.json beside its outputs."""
+    job = json.loads(Path(sys.argv[1]).read_text())
+    result = work(job)
+    if result is not None and rank() == 0:
+        Path(job["out"], "result.json").write_text(result.model_dump_json(indent=2))
+
+
+def trainer_args(dist: DistributedConfig, device: str) -> dict:
+    """TrainingArguments for a worker of a distributed run (the launcher set up the process group's env)."""
+    args = {"ddp_backend": ddp_backend(dist, device), "ddp_find_unused_parameters": False}
+    if dist.strategy == "fsdp" and dist.launcher == "torchrun":  # accelerate launch passes its config itself
+        args["fsdp"] = "full_shard auto_wrap"
+        args["fsdp_config"] = {"fsdp_version": 2, "reshard_after_forward": True, "state_dict_type": "FULL_STATE_DICT"}
+    return args

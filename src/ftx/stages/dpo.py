@@ -19,7 +19,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ..core import launch
 from ..core.errors import FtxError
+from ..core.launch import DistributedConfig
 from ..core.models import SCHEDULERS
 from ..core.splits import DataSource
 from ..stage import Artifact, Stage
@@ -135,8 +137,12 @@ def run(
     max_seq_len: int,
     out: Path,
     method: str = "lora",
-) -> DpoResult:
-    """Continue the SFT adapter with DPO on `splits` (from ftx.core.splits.prepare of cfg.data); save into `out`."""
+    distributed: DistributedConfig | None = None,
+) -> DpoResult | None:
+    """Continue the SFT adapter with DPO on `splits` (from ftx.core.splits.prepare of cfg.data); save into `out`.
+    In a distributed worker (train.distributed: the same launcher as the train stage) only rank 0 writes and returns
+    the result; `batch_size` is over all workers."""
+    import os
     import shutil
 
     from datasets import Dataset
@@ -149,6 +155,10 @@ def run(
     from ..core.progress import trainer_monitor
 
     device = pick_device()
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    dist = distributed if world > 1 else None
+    zero = launch.rank() == 0
+    per_device = launch.per_device_batch(cfg.batch_size, world, "dpo.batch_size")
     set_seed(cfg.seed)
     model, tok = load_base(base_dir, method, device)
     if method == "qlora":
@@ -156,7 +166,8 @@ def run(
     model = PeftModel.from_pretrained(model, sft_adapter, is_trainable=True)
     model.config.use_cache = False
     train_rows, val_rows = splits["train"], splits["val"]
-    for name in ("train", "val"):
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("train", "val") if zero else ():
         write_jsonl(out / f"{name}.jsonl", splits[name])
     model.eval()
     sft_acc, sft_margin = preference_margins(model, tok, val_rows, max_seq_len)
@@ -169,8 +180,8 @@ def run(
     args = DPOConfig(
         output_dir=str(out / ".trainer"),
         max_steps=cfg.max_steps,
-        per_device_train_batch_size=cfg.batch_size,
-        per_device_eval_batch_size=cfg.batch_size,
+        per_device_train_batch_size=per_device,
+        per_device_eval_batch_size=per_device,
         gradient_accumulation_steps=cfg.grad_accum,
         learning_rate=cfg.learning_rate,
         lr_scheduler_type=cfg.scheduler,
@@ -191,10 +202,11 @@ def run(
         dataloader_num_workers=0,
         disable_tqdm=True,
         log_level="error",
+        **(launch.trainer_args(dist, device) if dist else {}),
     )
-    with open(out / "metrics.jsonl", "w") as metrics_f:
+    with open(out / "metrics.jsonl" if zero else os.devnull, "w") as metrics_f:
         monitor = trainer_monitor(
-            "dpo", metrics_f, row, ("loss", "rewards/margins", "eval_rewards/accuracies"), stopped
+            "dpo", metrics_f, row, ("loss", "rewards/margins", "eval_rewards/accuracies"), stopped, quiet=not zero
         )
         trainer = DPOTrainer(
             model=model,
@@ -222,6 +234,8 @@ def run(
             )
             or trainer.evaluate()
         )
+    if not zero:
+        return None
     model = trainer.model
     model.eval()
     dpo_acc, dpo_margin = preference_margins(model, tok, val_rows, max_seq_len)
@@ -253,25 +267,40 @@ class Dpo(Stage):
     optional = True
     needs = ("train",)
     provides = "adapter"
-    reads = ("data.max_seq_len", "train.method")
+    reads = ("data.max_seq_len", "train.method", "train.distributed")
 
     def prepare(self, ctx):
         from ..core.splits import prepare
 
         pairs, _ = prepare(ctx.cfg.data)  # the preference pairs are checked before hours of SFT, not after
+        dist = ctx.setting("train.distributed")
+        if dist:
+            launch.per_device_batch(ctx.cfg.batch_size, dist.world_size, "dpo.batch_size")
         return pairs
 
     def run(self, ctx, out: Path) -> DpoResult:
         sft = ctx.upstream("train")
-        return run(
-            ctx.cfg,
-            ctx.base_dir,
-            ctx.file("train", sft.result["adapter_dir"]),
-            ctx.prepared,
-            ctx.setting("data.max_seq_len"),
-            out,
-            ctx.setting("train.method"),
-        )
+        dist = ctx.setting("train.distributed")
+        job = {
+            "config": ctx.cfg.model_dump(mode="json"),
+            "base_dir": str(ctx.base_dir),
+            "sft_adapter": str(ctx.file("train", sft.result["adapter_dir"])),
+            "max_seq_len": ctx.setting("data.max_seq_len"),
+            "method": ctx.setting("train.method"),
+            "distributed": dist.model_dump(mode="json") if dist else None,
+        }
+        if not dist or dist.world_size == 1:
+            return run_job({**job, "out": str(out)}, ctx.prepared)
+        from ..core.chat import write_jsonl
+        from ..core.models import pick_device
+
+        here = ctx.out_root / ".cache" / self.name / f"{ctx.key}.launch"
+        here.mkdir(parents=True, exist_ok=True)
+        for name in ("train", "val"):  # the workers read the prepared split from here
+            write_jsonl(here / f"split-{name}.jsonl", ctx.prepared[name])
+        job |= {"out": str(here / "result"), "split_dir": str(here)}
+        cmds = launch.plan(dist, "ftx.stages.dpo", job, here, pick_device())
+        return DpoResult.model_validate_json(launch.run_here(dist, cmds, here, out, ctx.console))
 
     def headline(self, r: dict) -> str:
         return (
@@ -281,3 +310,26 @@ class Dpo(Stage):
 
     def artifacts(self, r: dict) -> list[Artifact]:
         return [Artifact(r["adapter_dir"], "adapter"), Artifact("dpo.png", "dpo.png", copy=True)]
+
+
+def run_job(job: dict, splits: dict | None = None) -> DpoResult | None:
+    """DPO from a job dict (Dpo.run); a distributed worker reads the split the stage wrote."""
+    from ..core.chat import read_examples
+
+    if splits is None:
+        splits = {n: read_examples(Path(job["split_dir"]) / f"split-{n}.jsonl") for n in ("train", "val")}
+    dist = job.get("distributed")
+    return run(
+        DpoConfig.model_validate(job["config"]),
+        Path(job["base_dir"]),
+        Path(job["sft_adapter"]),
+        splits,
+        job["max_seq_len"],
+        Path(job["out"]),
+        job["method"],
+        DistributedConfig.model_validate(dist) if dist else None,
+    )
+
+
+if __name__ == "__main__":  # a worker of a distributed run: python -m ftx.stages.dpo SPEC.json
+    launch.worker(run_job)

@@ -420,7 +420,7 @@ def run(
         remove_unused_columns=False,
         disable_tqdm=True,
         log_level="error",
-        **(distributed_args(dist, device) if dist else {}),
+        **(launch.trainer_args(dist, device) if dist else {}),
     )
     experiment, _, name = run_name.rpartition("/")
     with open(metrics_path if zero else os.devnull, "w") as metrics_f:
@@ -499,15 +499,6 @@ def run(
     )
 
 
-def distributed_args(dist: DistributedConfig, device: str) -> dict:
-    """TrainingArguments for a worker of a distributed run (the launcher set up the process group's env)."""
-    args = {"ddp_backend": launch.ddp_backend(dist, device), "ddp_find_unused_parameters": False}
-    if dist.strategy == "fsdp" and dist.launcher == "torchrun":  # accelerate launch passes its config itself
-        args["fsdp"] = "full_shard auto_wrap"
-        args["fsdp_config"] = {"fsdp_version": 2, "reshard_after_forward": True, "state_dict_type": "FULL_STATE_DICT"}
-    return args
-
-
 class Train(Stage):
     name = "train"
     config = TrainConfig
@@ -545,44 +536,21 @@ class Train(Stage):
             "run_name": f"{ctx.recipe_name}/{ctx.key}",
         }
 
-    def launch_plan(self, ctx) -> tuple[Path, list[list[str]]]:
+    def launch_plan(self, ctx, device: str | None = None) -> tuple[Path, list[list[str]]]:
         """Write the job spec of a distributed run and return (its directory, every node's launch command). The
         directory is keyed like the stage, so `ftx train --print-launch` and the run agree on it."""
         from ..core.models import pick_device
 
-        dist = ctx.cfg.distributed
         here = ctx.out_root / ".cache" / self.name / f"{ctx.key}.launch"
-        here.mkdir(parents=True, exist_ok=True)
-        spec = here / "spec.json"
-        spec.write_text(json.dumps(self.job(ctx, here / "result"), indent=2))
-        host, _, port = dist.rdzv_endpoint.rpartition(":")
-        if dist.nnodes == 1 and host in ("127.0.0.1", "localhost"):
-            from ..core.procs import free_port, port_in_use
-
-            if port_in_use(host, int(port)):  # one node: any free port will do
-                dist = dist.model_copy(update={"rdzv_endpoint": f"{host}:{free_port(host)}"})
-        return here, launch.commands(dist, "ftx.stages.train", spec, pick_device(), here)
+        job = self.job(ctx, here / "result")
+        return here, launch.plan(ctx.cfg.distributed, "ftx.stages.train", job, here, device or pick_device())
 
     def run(self, ctx, out: Path) -> TrainResult:
         job = self.job(ctx, out)
         dist = ctx.cfg.distributed
         if dist and dist.world_size > 1:
             here, cmds = self.launch_plan(ctx)
-            if dist.nnodes > 1 and ctx.console:
-                ctx.console.print("run on the other nodes (same paths, shared storage):")
-                for i, cmd in enumerate(cmds[1:], 1):
-                    ctx.console.print(f"  node {i}: {launch.render(cmd)}", soft_wrap=True, highlight=False)
-            if (here / "result" / "result.json").exists():  # launched on every node by hand (--print-launch)
-                if ctx.console:
-                    ctx.console.print(f"train: taking the finished distributed run in {here / 'result'}")
-            else:
-                shutil.rmtree(here / "result", ignore_errors=True)
-                launch.launch(cmds[0], here / "workers.log")
-            result = TrainResult.model_validate_json((here / "result" / "result.json").read_text())
-            for f in (here / "result").iterdir():
-                if f.name != "result.json":
-                    shutil.move(str(f), out / f.name)
-            shutil.copy(here / "spec.json", out / "launch-spec.json")
+            result = TrainResult.model_validate_json(launch.run_here(dist, cmds, here, out, ctx.console))
         else:
             result = work(job)
         shutil.rmtree(job["checkpoint_dir"], ignore_errors=True)
@@ -596,8 +564,8 @@ class Train(Stage):
 
 
 def work(job: dict) -> TrainResult | None:
-    """Train from a job dict (Train.job); in a distributed worker, rank 0 also writes result.json beside the adapter."""
-    result = run(
+    """Train from a job dict (Train.job); None in a distributed worker other than rank 0."""
+    return run(
         TrainConfig.model_validate(job["config"]),
         Path(job["base_dir"]),
         Path(job["train_file"]),
@@ -608,12 +576,7 @@ def work(job: dict) -> TrainResult | None:
         log_root=Path(job["log_root"]),
         run_name=job["run_name"],
     )
-    if result is not None and launch.in_worker():
-        (Path(job["out"]) / "result.json").write_text(result.model_dump_json(indent=2))
-    return result
 
 
 if __name__ == "__main__":  # a worker of a distributed run: python -m ftx.stages.train SPEC.json
-    import sys
-
-    work(json.loads(Path(sys.argv[1]).read_text()))
+    launch.worker(work)
