@@ -48,7 +48,9 @@ def minimal_level(ep, texts: list[str], concurrency: int, max_tokens: int) -> li
         conn.request("POST", u.path.rstrip("/") + "/completions", json.dumps(body), headers)
         resp = conn.getresponse()
         for line in resp.fp:
-            if not line.startswith(b"data:") or line[5:].strip() == b"[DONE]":
+            if line[5:].strip() == b"[DONE]":
+                break  # a keep-alive connection stays open after the stream (uvicorn: 5 s)
+            if not line.startswith(b"data:"):
                 continue
             chunk = json.loads(line[5:])
             if rec["ttft_s"] is None and any(c.get("text") for c in chunk.get("choices") or ()):

@@ -278,7 +278,16 @@ def test_ctrl_c_writes_the_partial_results(endpoint, tmp_path):
         str(out),
     ]
     env = {**os.environ, "PYTHONFAULTHANDLER": "1"}  # a traceback of every thread if it has to be aborted
-    proc = subprocess.Popen(list(map(str, cmd)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    # Ctrl-C as on a terminal: a suite started in the background (`make test &`) ignores SIGINT and its children
+    # inherit that, so Python would install no handler and the bench would never see the signal
+    proc = subprocess.Popen(
+        list(map(str, cmd)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     # wait until a few requests have finished (each decodes 48 tokens), then Ctrl-C
     start, deadline = _decoded(endpoint), time.time() + 120
     while time.time() < deadline and _decoded(endpoint) - start < 4 * 48:

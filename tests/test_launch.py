@@ -93,7 +93,7 @@ def test_what_cannot_work_is_refused_up_front(monkeypatch):
     )
     assert "silently run DDP on CPU" in refused(DistributedConfig(strategy="fsdp"), device="cpu")
     assert "accelerate" in refused(DistributedConfig(strategy="deepspeed_zero3"))
-    assert "needs CUDA" in refused(DistributedConfig(strategy="deepspeed_zero2", launcher="accelerate"), device="cpu")
+    assert "needs GPUs" in refused(DistributedConfig(strategy="deepspeed_zero2", launcher="accelerate"), device="cpu")
     assert "nccl needs CUDA" in refused(DistributedConfig(backend="nccl"), device="cpu")
     launch.check(DistributedConfig(strategy="ddp"), "qlora", "cpu")  # DDP over the LoRA parameters: fine
     launch.check(DistributedConfig(strategy="fsdp"), "lora", "cuda")

@@ -113,7 +113,10 @@ def check(dist: DistributedConfig, method: str, device: str, field: str = "train
     if dist.strategy.startswith("deepspeed") and dist.launcher != "accelerate":
         raise FtxError(f"{field}.launcher: {dist.strategy} runs through `accelerate launch`; set launcher accelerate")
     if dist.strategy.startswith("deepspeed") and device != "cuda":
-        raise FtxError(f"{field}.strategy: {dist.strategy} needs CUDA (DeepSpeed's engine has no CPU training path)")
+        raise FtxError(
+            f"{field}.strategy: {dist.strategy} needs GPUs: accelerate turns DeepSpeed on only off the CPU and would "
+            "silently run DDP here; use ddp"
+        )
     if dist.backend == "nccl" and device != "cuda":
         raise FtxError(f"{field}.backend: nccl needs CUDA GPUs; use gloo (or auto) on CPU")
 
