@@ -85,7 +85,7 @@ def test_deepspeed_json_is_accepted_by_transformers_and_deepspeed(strategy, stag
 def test_what_cannot_work_is_refused_up_front(monkeypatch):
     def refused(dist, method="lora", device="cuda"):
         with pytest.raises(FtxError) as e:
-            launch.check(dist, method, device)
+            launch.check(dist, method, device, 8)
         return str(e.value)
 
     assert "QLoRA" in refused(DistributedConfig(strategy="fsdp"), method="qlora") and "use ddp" in refused(
@@ -95,16 +95,18 @@ def test_what_cannot_work_is_refused_up_front(monkeypatch):
     assert "accelerate" in refused(DistributedConfig(strategy="deepspeed_zero3"))
     assert "needs GPUs" in refused(DistributedConfig(strategy="deepspeed_zero2", launcher="accelerate"), device="cpu")
     assert "nccl needs CUDA" in refused(DistributedConfig(backend="nccl"), device="cpu")
-    launch.check(DistributedConfig(strategy="ddp"), "qlora", "cpu")  # DDP over the LoRA parameters: fine
-    launch.check(DistributedConfig(strategy="fsdp"), "lora", "cuda")
+    launch.check(DistributedConfig(strategy="ddp"), "qlora", "cpu", 8)  # DDP over the LoRA parameters: fine
+    launch.check(DistributedConfig(strategy="fsdp"), "lora", "cuda", 8)
     with pytest.raises(FtxError, match="train.batch_size: 6 does not split over 4 workers"):
         launch.per_device_batch(6, 4)
     assert launch.per_device_batch(8, 2) == 4
     with pytest.raises(ValueError, match="host:port"):
         DistributedConfig(rdzv_endpoint="10.0.0.1")
-    monkeypatch.delenv("LOCAL_RANK", raising=False)
-    assert not launch.in_worker()
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.delenv("RANK", raising=False)
+    assert launch.workers(DistributedConfig(), 8, "train.batch_size") == (1, None, True, 8)  # not launched
     monkeypatch.setenv("LOCAL_RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "3")
-    assert launch.in_worker() and launch.rank() == 3
+    w = launch.workers(DistributedConfig(), 8, "train.batch_size")
+    assert launch.rank() == 3 and (w.world, w.zero, w.per_device) == (2, False, 4) and w.dist is not None

@@ -43,16 +43,6 @@ def make_base(dry: bool, where: Path) -> Path:
     return where
 
 
-def _peak_mb(device: str) -> float:
-    import torch
-
-    if device == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**20
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
 def _load(backend: str, base: Path, device: str, seq_len: int, r: int):
     import torch
 
@@ -83,6 +73,7 @@ def train_run(backend: str, base: Path, device: str, steps: int, batch: int, seq
     """LoRA steps on random tokens: tokens/s after 2 warm-up steps, peak memory, the planner's estimate."""
     import torch
 
+    from .core.usage import peak_memory_mb
     from .plan import PlanConfig, estimate, total_mb
 
     if device == "cuda":
@@ -113,7 +104,7 @@ def train_run(backend: str, base: Path, device: str, steps: int, batch: int, seq
     cfg = PlanConfig(model=str(base), method=method, seq_len=seq_len, batch_size=batch, lora_r=r, device=device)
     terms, _, trainable = estimate(cfg)
     planned = total_mb(terms)
-    measured = _peak_mb(device)
+    measured = peak_memory_mb(device)
     # on CUDA the planner's total includes the CUDA context, which torch's allocator does not count
     comparable = planned - (terms["runtime"] if device == "cuda" else 0.0)
     del model, opt

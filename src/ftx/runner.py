@@ -237,8 +237,8 @@ def run_recipe(
 
 def _train_launch(recipe_path: Path, overrides: tuple[str, ...], console=None, device: str | None = None):
     """Run (or take from the cache) what the train stage needs and write its distributed job spec, without
-    training: (recipe, the train stage's context, its launch directory, every node's command). `device`: where the
-    workers will run (default: this machine's), for the checks of what cannot work there."""
+    training: (recipe, the train stage's context, its launch directory, the job, every node's command).
+    `device`: where the workers will run (default: this machine's), for the checks of what cannot work there."""
     from . import pipeline
 
     recipe = pipeline.load_doc(recipe_path, overrides).model
@@ -258,17 +258,16 @@ def _train_launch(recipe_path: Path, overrides: tuple[str, ...], console=None, d
         from .core.models import pick_device
 
         device = pick_device()
-    launch.check(recipe.train.distributed, recipe.train.method, device)
-    launch.per_device_batch(recipe.train.batch_size, recipe.train.distributed.world_size)
-    here, cmds = train.launch_plan(ctx)
-    return recipe, ctx, here, cmds
+    launch.check(recipe.train.distributed, recipe.train.method, device, recipe.train.batch_size)
+    here, job, cmds = train.launch_plan(ctx)
+    return recipe, ctx, here, job, cmds
 
 
 def launch_commands(recipe_path: Path, overrides: tuple[str, ...] = (), console=None) -> list[str]:
     """`ftx train --print-launch`: every node's launch command."""
     from .core.launch import render
 
-    return [render(c) for c in _train_launch(recipe_path, overrides, console)[3]]
+    return [render(c) for c in _train_launch(recipe_path, overrides, console)[4]]
 
 
 def train_job(recipe_path: Path, overrides: tuple[str, ...], out: Path, console=None) -> str:
@@ -277,10 +276,9 @@ def train_job(recipe_path: Path, overrides: tuple[str, ...], out: Path, console=
     from .core.cache import atomic_write_text
     from .core.k8s import to_yaml, validate
 
-    recipe, ctx, here, _ = _train_launch(recipe_path, overrides, console, device="cuda")  # GPU nodes
+    recipe, ctx, here, job, _ = _train_launch(recipe_path, overrides, console, device="cuda")  # GPU nodes
     dist = recipe.train.distributed
     k = dist.kubernetes
-    job = json.loads((here / "spec.json").read_text())
     docs = trainjob.manifests(dist, here, job, recipe.output_dir, k)
     validate(docs)
     atomic_write_text(Path(out), to_yaml(docs))

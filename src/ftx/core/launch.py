@@ -18,7 +18,7 @@ import shlex
 import subprocess
 import sys
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -79,13 +79,21 @@ class DistributedConfig(BaseModel):
         return self.nproc_per_node * self.nnodes
 
 
-def in_worker() -> bool:
-    """True inside a process a launcher started (it sets WORLD_SIZE and LOCAL_RANK)."""
-    return "LOCAL_RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
-
-
 def rank() -> int:
     return int(os.environ.get("RANK", "0"))
+
+
+class Workers(NamedTuple):
+    world: int  # processes training together (1: not launched)
+    dist: DistributedConfig | None  # the config, when launched with several workers
+    zero: bool  # rank 0: the one that writes
+    per_device: int  # this worker's share of the global batch
+
+
+def workers(dist: DistributedConfig | None, global_batch: int, field: str) -> Workers:
+    """What a training stage's code needs to know about the launcher that started it (WORLD_SIZE, RANK)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return Workers(world, dist if world > 1 else None, rank() == 0, per_device_batch(global_batch, world, field))
 
 
 def per_device_batch(global_batch: int, world_size: int, field: str = "train.batch_size") -> int:
@@ -98,8 +106,9 @@ def per_device_batch(global_batch: int, world_size: int, field: str = "train.bat
     return global_batch // world_size
 
 
-def check(dist: DistributedConfig, method: str, device: str, field: str = "train.distributed") -> None:
-    """Refuse what cannot work before anything starts."""
+def check(dist: DistributedConfig, method: str, device: str, batch_size: int, field: str = "train.distributed") -> None:
+    """Refuse what cannot work before anything starts (`batch_size`: train.batch_size, which must split)."""
+    per_device_batch(batch_size, dist.world_size)
     if dist.strategy == "fsdp" and method == "qlora":
         raise FtxError(
             f"{field}.strategy: fsdp cannot shard QLoRA's 4-bit bitsandbytes weights (FSDP2's fully_shard needs "

@@ -155,10 +155,7 @@ def run(
     from ..core.progress import trainer_monitor
 
     device = pick_device()
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    dist = distributed if world > 1 else None
-    zero = launch.rank() == 0
-    per_device = launch.per_device_batch(cfg.batch_size, world, "dpo.batch_size")
+    _, dist, zero, per_device = launch.workers(distributed, cfg.batch_size, "dpo.batch_size")
     set_seed(cfg.seed)
     model, tok = load_base(base_dir, method, device)
     if method == "qlora":
@@ -170,7 +167,7 @@ def run(
     for name in ("train", "val") if zero else ():
         write_jsonl(out / f"{name}.jsonl", splits[name])
     model.eval()
-    sft_acc, sft_margin = preference_margins(model, tok, val_rows, max_seq_len)
+    sft_acc, sft_margin = preference_margins(model, tok, val_rows, max_seq_len) if zero else (None, None)
     stopped: dict = {"step": None}
     t0 = time.perf_counter()
 

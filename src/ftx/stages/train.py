@@ -319,10 +319,7 @@ def run(
     device = pick_device()
     backend = pick_backend(cfg, device)
     optimizer = pick_optimizer(cfg, device)
-    world = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun / accelerate launch in every worker
-    dist = cfg.distributed if world > 1 else None
-    zero = launch.rank() == 0  # only rank 0 writes metrics, the adapter and the plot
-    per_device = launch.per_device_batch(cfg.batch_size, world)
+    world, dist, zero, per_device = launch.workers(cfg.distributed, cfg.batch_size, "train.batch_size")
     set_seed(cfg.seed)
     model, tok, targets = build_model(cfg, base_dir, max_seq_len, device, backend)
     model.config.use_cache = False  # a KV cache in training also turns off packed-sequence masking
@@ -517,8 +514,7 @@ class Train(Stage):
         pick_backend(ctx.cfg, device)
         pick_optimizer(ctx.cfg, device)
         if ctx.cfg.distributed:
-            launch.check(ctx.cfg.distributed, ctx.cfg.method, device)
-            launch.per_device_batch(ctx.cfg.batch_size, ctx.cfg.distributed.world_size)
+            launch.check(ctx.cfg.distributed, ctx.cfg.method, device, ctx.cfg.batch_size)
 
     def job(self, ctx, out: Path) -> dict:
         """Everything `run` needs, as JSON (a distributed run's workers read it from the spec file)."""
@@ -536,22 +532,22 @@ class Train(Stage):
             "run_name": f"{ctx.recipe_name}/{ctx.key}",
         }
 
-    def launch_plan(self, ctx, device: str | None = None) -> tuple[Path, list[list[str]]]:
-        """Write the job spec of a distributed run and return (its directory, every node's launch command). The
-        directory is keyed like the stage, so `ftx train --print-launch` and the run agree on it."""
+    def launch_plan(self, ctx) -> tuple[Path, dict, list[list[str]]]:
+        """Write the job spec of a distributed run and return (its directory, the job, every node's launch command).
+        The directory is keyed like the stage, so `ftx train --print-launch` and the run agree on it."""
         from ..core.models import pick_device
 
         here = ctx.out_root / ".cache" / self.name / f"{ctx.key}.launch"
         job = self.job(ctx, here / "result")
-        return here, launch.plan(ctx.cfg.distributed, "ftx.stages.train", job, here, device or pick_device())
+        return here, job, launch.plan(ctx.cfg.distributed, "ftx.stages.train", job, here, pick_device())
 
     def run(self, ctx, out: Path) -> TrainResult:
-        job = self.job(ctx, out)
         dist = ctx.cfg.distributed
         if dist and dist.world_size > 1:
-            here, cmds = self.launch_plan(ctx)
+            here, job, cmds = self.launch_plan(ctx)
             result = TrainResult.model_validate_json(launch.run_here(dist, cmds, here, out, ctx.console))
         else:
+            job = self.job(ctx, out)
             result = work(job)
         shutil.rmtree(job["checkpoint_dir"], ignore_errors=True)
         return result
